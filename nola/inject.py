@@ -1,0 +1,133 @@
+"""Putting adapters into a model and reading them back out: attach, materialize, parameter report.
+
+Adapted modules keep the name the Linear had in the un-adapted model (`model.layers.0.self_attn.q_proj`); the
+original Linear lives on as `.base_layer` below it. Each module's seed is derived from the run seed and that name,
+so an adapter is reproducible from (seed, config) alone, and the seeds are written into the adapter config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from nola.adapter_config import LLAMA_LINEAR_MODULES, AdapterConfig
+from nola.errors import NolaError
+from nola.layers import AdaptedLinear, base_layer_types
+from nola.quant import packed_bytes
+
+_CONFIG_ATTRIBUTE = "nola_adapter_config"
+
+
+def module_seed(run_seed: int, module_name: str) -> int:
+    """A 32-bit seed for one module, a pure function of the run seed and the module's name."""
+    digest = hashlib.sha256(f"nola:{run_seed}:{module_name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output projection (lm_head), which "all-linear" leaves alone as LoRA practice does."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Names of the Linear layers an adapter with these `target_modules` would adapt, in model order."""
+    linear_types = base_layer_types()
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, linear_types) and not isinstance(module, AdaptedLinear)
+    ]
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        llama_projections = [n for n in linears if n.rsplit(".", 1)[-1] in LLAMA_LINEAR_MODULES]
+        chosen = llama_projections or [n for n in linears if n not in heads]
+    else:
+        chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if not chosen:
+        raise NolaError(f"adapter.target_modules: {target_modules!r} matches no Linear layer of the model")
+    return chosen
+
+
+def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Adapt `model` in place: wrap every target Linear, freeze everything but the adapter, return the model.
+
+    Works on a model built on the meta device too (the coefficients are then meta tensors). A model can carry one
+    adapter; seeds given in `config.module_seeds` are used as they are (that is how a saved adapter is rebuilt).
+    """
+    if getattr(model, _CONFIG_ATTRIBUTE, None) is not None:
+        raise NolaError("attach: the model already carries a nola adapter")
+    names = find_target_modules(model, config.target_modules)
+    seeds = {name: config.module_seeds.get(name, module_seed(config.seed, name)) for name in names}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, AdaptedLinear(getattr(parent, child_name), config, seeds[name]))
+    setattr(model, _CONFIG_ATTRIBUTE, dataclasses.replace(config, module_seeds=seeds))
+    return model
+
+
+def adapter_config_of(model: nn.Module) -> AdapterConfig:
+    """The config of the adapter attached to `model`; a one-line error when there is none."""
+    config = getattr(model, _CONFIG_ATTRIBUTE, None)
+    if config is None:
+        raise NolaError("the model carries no nola adapter (call nola.attach or nola.load_adapter first)")
+    return config
+
+
+def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    """(name, module) for every adapted Linear, names as in the un-adapted model."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """{adapted module name: [out_features, in_features]}: what an adapter needs of its base model."""
+    return {name: [m.out_features, m.in_features] for name, m in adapted_modules(model)}
+
+
+@torch.no_grad()
+def materialize(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module name: (A, B, scale)} with A r × in and B out × r, so the adapted output is base(x) + scale·B·A·x.
+
+    Used by merge and export. Values are those of the forward pass (quantised coefficients included).
+    """
+    return {name: (*(t.detach().clone() for t in m.adapter_matrices()), m.scale) for name, m in adapted_modules(model)}
+
+
+def _parameter_count(parameter: torch.Tensor) -> int:
+    """Logical element count: bitsandbytes packs two 4-bit weights per uint8, its quant_state knows the shape."""
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return parameter.numel()
+
+
+def parameter_report(model: nn.Module) -> dict[str, float | int]:
+    """Trainable and total parameter counts, adapter bytes on disk, adapted module count."""
+    total = sum(_parameter_count(p) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = getattr(model, _CONFIG_ATTRIBUTE, None)
+    adapter_bytes = 0
+    modules = list(adapted_modules(model))
+    for _, module in modules:
+        for tensor in module.trainable_tensors().values():
+            if config is not None and config.quant_bits and module.method == "nola":
+                adapter_bytes += packed_bytes(tensor.numel(), config.quant_bits)
+            else:
+                adapter_bytes += tensor.numel() * tensor.element_size()
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "adapter_bytes": adapter_bytes,
+        "adapted_modules": len(modules),
+    }

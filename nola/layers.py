@@ -1,0 +1,115 @@
+"""The adapted Linear: a frozen base layer (nn.Linear or bitsandbytes Linear4bit) plus a low-rank update.
+
+    y = base(x) + (alpha / r) · B(A(dropout(x)))
+
+method "nola":  A = A0 + Σᵢ αᵢ·Uᵢ/√k_A  (r × in),   B = Σⱼ βⱼ·Vⱼ/√k_B  (out × r)
+method "lora":  A, B plain trainable matrices (the baseline, initialised like LoRA: A from the same seeded A0, B = 0)
+
+A0 is the frozen kaiming-uniform matrix LoRA would start from, regenerated from the seed; α = β = 0 at start, so
+the adapted layer equals the base layer exactly until the first update. Only α and β are parameters: the bases and
+A0 are regenerated in every forward and backward and never stored.
+
+Coefficients are float32 whatever the base dtype (bf16 coefficients round small updates away), float64 when the base
+is float64 so that exactness can be checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nola.adapter_config import AdapterConfig
+from nola.autograd import basis_combination
+from nola.basis import STREAM_A, STREAM_A0, STREAM_B, generate_basis
+from nola.quant import fake_quantize
+
+
+def base_layer_types() -> tuple[type, ...]:
+    """Linear layer classes that can be adapted: nn.Linear, plus bitsandbytes' 4-bit Linear when installed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # bitsandbytes is optional for plain float models
+        return (nn.Linear,)
+    return (nn.Linear, bnb.nn.Linear4bit)
+
+
+def coefficient_dtype(base_layer: nn.Module) -> torch.dtype:
+    """float64 for a float64 base (exactness checks), float32 otherwise (including bf16 and 4-bit bases)."""
+    return torch.float64 if base_layer.weight.dtype == torch.float64 else torch.float32
+
+
+def initial_a(seed: int, rank: int, in_features: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The frozen A0 (r × in): uniform in ±1/√in, the bound of kaiming_uniform_(a=√5) that LoRA uses."""
+    unit = generate_basis(seed, STREAM_A0, 0, 1, rank * in_features, device).view(rank, in_features)
+    return unit.to(dtype) * (1.0 / math.sqrt(in_features))
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base Linear plus a NOLA or LoRA update; `base_layer` keeps the original module untouched."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, seed: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.method = config.method
+        self.rank = config.rank
+        self.scale = config.scale
+        self.seed = seed
+        self.quant_bits = config.quant_bits
+        self.chunk_bytes = config.basis_chunk_bytes
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        dtype = coefficient_dtype(base_layer)
+        if self.method == "nola":
+            self.coefficients_a = nn.Parameter(torch.zeros(config.basis_size_a, dtype=dtype, device=device))
+            self.coefficients_b = nn.Parameter(torch.zeros(config.basis_size_b, dtype=dtype, device=device))
+        else:
+            lora_a = torch.empty(self.rank, self.in_features, dtype=dtype, device=device)
+            if device.type != "meta":
+                lora_a.copy_(initial_a(seed, self.rank, self.in_features, dtype, device))
+            self.lora_a = nn.Parameter(lora_a)
+            self.lora_b = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=dtype, device=device))
+
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """The adapter's own parameters by their short name: what an adapter file stores."""
+        if self.method == "nola":
+            return {"coefficients_a": self.coefficients_a, "coefficients_b": self.coefficients_b}
+        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
+
+    def _coefficients(self, values: torch.Tensor) -> torch.Tensor:
+        """Coefficients as the forward uses them: fake-quantised when training with quant_bits."""
+        return fake_quantize(values, self.quant_bits) if self.quant_bits else values
+
+    def adapter_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in the coefficient dtype, differentiable with respect to the trainable tensors."""
+        if self.method == "lora":
+            return self.lora_a, self.lora_b
+        alphas, betas = self.coefficients_a, self.coefficients_b
+        alphas = self._coefficients(alphas) * (1.0 / math.sqrt(alphas.numel()))
+        betas = self._coefficients(betas) * (1.0 / math.sqrt(betas.numel()))
+        a0 = initial_a(self.seed, self.rank, self.in_features, alphas.dtype, alphas.device)
+        a = a0 + basis_combination(alphas, self.seed, STREAM_A, a0.numel(), self.chunk_bytes).view_as(a0)
+        b = basis_combination(betas, self.seed, STREAM_B, self.out_features * self.rank, self.chunk_bytes)
+        return a, b.view(self.out_features, self.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        a, b = self.adapter_matrices()
+        compute_dtype = x.dtype if x.dtype.is_floating_point else a.dtype
+        update = lora_update(self.dropout(x).to(compute_dtype), a.to(compute_dtype), b.to(compute_dtype), self.scale)
+        return result + update.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        sizes = f"k_A={self.coefficients_a.numel()}, k_B={self.coefficients_b.numel()}, " if self.method == "nola" else ""
+        return f"method={self.method}, rank={self.rank}, {sizes}scale={self.scale:g}, seed={self.seed}"
+
+
+def lora_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · B·A·x for a batch of row vectors: the one place the low-rank product is computed.
+
+    Materialised matrices run through this same function, so they reproduce the layer bit for bit.
+    """
+    return (x @ a.t()) @ b.t() * scale

@@ -1,0 +1,50 @@
+"""Shared test helpers: tiny LLaMA models built in-process and the optional real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def tiny_llama_config(**overrides):
+    """A 2-layer LLaMA small enough for float64 checks, with every projection shape distinct."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, init_seed: int = 0, **overrides):
+    """A randomly initialised tiny LlamaForCausalLM; the init seed is set on a local generator state."""
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    return model.to(dtype).eval()
+
+
+def shared_data(relative: str) -> Path:
+    """A file under ../shared/data, or a clean skip naming what is missing."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"shared test data not present: {path}")
+    return path
