@@ -1,0 +1,307 @@
+"""The training loop: a plain PyTorch loop on accelerate, from a validated recipe to an adapter.
+
+    recipe -> tokenizer + data -> base model (4-bit) -> attach adapter -> loop (accumulate, clip, step, schedule)
+           -> metrics.jsonl / W&B, checkpoints/step-N, adapter/, run.json
+
+The loss of an optimizer step is the mean over every response token of its global batch (all micro-batches, all
+ranks): each micro-batch contributes its summed token loss divided by the global token count, so gradients do not
+depend on how the batch is split across micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nola import embedded
+from nola.adapter_io import save_adapter
+from nola.checkpoint import (
+    latest_valid_checkpoint,
+    load_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from nola.config import RecipeConfig
+from nola.data import batch_schedule, collate, load_records, prepare_data
+from nola.errors import NolaError
+from nola.inject import attach, parameter_report
+from nola.modeling import load_model
+from nola.run_log import RunLog
+
+
+def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions (fp32 logits), and how many there were."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((targets != -100).sum())
+
+
+def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class MicroBatches:
+    """An endless, resumable stream of this rank's micro-batches: epoch after epoch of `batch_schedule`.
+
+    Its position (epoch, index within the epoch's schedule) is all a checkpoint needs to continue exactly.
+    """
+
+    def __init__(self, examples, micro_batch_size, seed, group_by_length, num_replicas, rank, pad_token_id) -> None:
+        self.examples = examples
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.settings = dict(micro_batch_size=micro_batch_size, seed=seed, group_by_length=group_by_length,
+                             num_replicas=num_replicas, rank=rank)
+        self.pad_token_id = pad_token_id
+        self.epoch, self.index = 0, 0
+        self._schedule = self._epoch_schedule(0)
+
+    def _epoch_schedule(self, epoch: int) -> list[list[int]]:
+        schedule = batch_schedule(self.lengths, epoch=epoch, **self.settings)
+        if not schedule:
+            raise NolaError(
+                f"data: {len(self.examples)} training examples do not fill one global batch of "
+                f"{self.settings['micro_batch_size'] * self.settings['num_replicas']}"
+            )
+        return schedule
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = epoch, index
+        self._schedule = self._epoch_schedule(epoch)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.index >= len(self._schedule):
+            self.seek(self.epoch + 1, 0)
+        indices = self._schedule[self.index]
+        self.index += 1
+        return collate([self.examples[i] for i in indices], self.pad_token_id)
+
+
+def make_optimizer(parameters, config: RecipeConfig) -> torch.optim.Optimizer:
+    """AdamW over the adapter's fp32 parameters, or bitsandbytes' paged AdamW (CUDA only)."""
+    if config.train.optimizer == "paged_adamw":
+        if not torch.cuda.is_available():
+            raise NolaError("train.optimizer: paged_adamw needs a CUDA device; use adamw on CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW(parameters, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    return torch.optim.AdamW(parameters, lr=config.train.lr, weight_decay=config.train.weight_decay)
+
+
+def make_scheduler(optimizer, config: RecipeConfig):
+    """Warm-up over warmup_ratio of the steps, then constant, linear decay or cosine decay."""
+    from transformers import get_scheduler
+
+    names = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+    return get_scheduler(
+        names[config.train.lr_scheduler],
+        optimizer,
+        num_warmup_steps=math.ceil(config.train.warmup_ratio * config.train.max_steps),
+        num_training_steps=config.train.max_steps,
+    )
+
+
+def resolve_resume(config: RecipeConfig, checkpoints_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `auto` picks the newest valid one (or none), a path must verify."""
+    resume = config.train.resume_from
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_valid_checkpoint(checkpoints_dir)
+    verify_checkpoint(Path(resume))
+    return Path(resume)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def evaluate(model, examples, micro_batch_size, pad_token_id, accelerator, max_batches=None) -> float:
+    """Mean token loss over this rank's share of `examples`, reduced over ranks."""
+    model.eval()
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    batches = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for indices in batches[:max_batches]:
+        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in indices], pad_token_id).items()}
+        loss, tokens = _token_loss_sum(model, batch)
+        totals += torch.tensor([loss.item(), tokens], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def sample_generations(model, tokenizer, examples, count: int, max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy completions of the first `count` validation prompts, beside their reference responses."""
+    model.eval()
+    samples = []
+    for example in examples[:count]:
+        labels = example["labels"]
+        prompt_length = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+        prompt = torch.tensor([example["input_ids"][:prompt_length]], device=model.device)
+        output = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        samples.append({
+            "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True)[-120:],
+            "reference": tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=True),
+            "generated": tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
+        })
+    model.train()
+    return samples
+
+
+def _print_samples(title: str, samples: list[dict[str, str]]) -> None:
+    print(f"--- generations {title} ---")
+    for sample in samples:
+        print(f"... {sample['prompt']!r}\n    reference: {sample['reference']!r}\n    generated: {sample['generated']!r}")
+
+
+def run(config: RecipeConfig) -> dict:
+    """Train the recipe; returns the run summary (also written to output_dir/run.json on rank 0)."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision)
+    is_main = accelerator.is_main_process
+    train = config.train
+    output_dir = Path(train.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    resume_dir = resolve_resume(config, checkpoints_dir)
+
+    with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
+        model_path = embedded.resolve(config.model.name_or_path)
+        data_path = embedded.resolve(config.data.path)
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_path)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = prepare_data(
+        load_records(data_path), tokenizer, config.data.source_max_len, config.data.target_max_len,
+        config.data.validation_size, train.seed, config.data.train_on_source,
+    )
+    model = load_model(dataclasses.replace(config.model, name_or_path=model_path), accelerator.device)
+    attach(model, config.adapter_config())
+    report = parameter_report(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(parameters, config)
+    scheduler = make_scheduler(optimizer, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    stream = MicroBatches(data.train, train.micro_batch_size, train.seed, config.data.group_by_length,
+                          accelerator.num_processes, accelerator.process_index, pad_token_id)
+    start_step, tokens_seen = 0, 0
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, unwrapped, optimizer, scheduler)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        stream.seek(state["epoch"], state["batch_index"])
+
+    log = RunLog(output_dir, config.log, config.to_dict(), enabled=is_main)
+    log.summary(report)
+    if is_main:
+        print(json.dumps({"parameters": report, "train_examples": len(data.train),
+                          "validation_examples": len(data.validation), "dropped_records": data.dropped,
+                          "resumed_from": str(resume_dir) if resume_dir else None}))
+
+    def evaluate_now() -> float:
+        if not data.validation:
+            return float("nan")
+        return evaluate(model, data.validation, train.micro_batch_size, pad_token_id, accelerator, train.eval_max_batches)
+
+    first_eval = evaluate_now()
+    if start_step == 0:
+        log.log(0, {"eval_loss": first_eval})
+    samples_before = []
+    if is_main and train.sample_generations and data.validation:
+        samples_before = sample_generations(unwrapped, tokenizer, data.validation, train.sample_generations,
+                                            train.max_new_tokens)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=train.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
+    model.train()
+    window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
+    eval_loss = first_eval
+    step = start_step
+    while step < train.max_steps:
+        micro_batches = [
+            {k: v.to(accelerator.device) for k, v in stream.next().items()} for _ in range(train.grad_accum_steps)
+        ]
+        local_counts = torch.tensor(
+            [sum(_label_tokens(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+            device=accelerator.device,
+        )
+        global_counts = accelerator.reduce(local_counts, reduction="sum").tolist()
+        global_tokens = max(int(global_counts[0]), 1)
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for index, batch in enumerate(micro_batches):
+            sync = nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
+            with sync:
+                loss_sum, _ = _token_loss_sum(model, batch)
+                accelerator.backward(loss_sum * (accelerator.num_processes / global_tokens))
+            step_loss += loss_sum.detach().double()
+        grad_norm = accelerator.clip_grad_norm_(parameters, train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = accelerator.reduce(step_loss, reduction="sum").item() / global_tokens
+        window_loss += step_loss * global_tokens
+        window_tokens += global_tokens
+        tokens_seen += int(global_counts[1])
+        window_seen += int(global_counts[1])
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}")
+
+        if step % train.logging_steps == 0 or step == train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = (step - 1) % train.logging_steps + 1
+            log.log(step, {
+                "loss": window_loss / max(window_tokens, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": window_seen / elapsed,
+                "seconds_per_step": elapsed / steps_in_window,
+                "peak_memory_mb": peak_memory_mb(accelerator.device),
+            })
+            window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
+        if step % train.eval_steps == 0 or step == train.max_steps:
+            eval_loss = evaluate_now()
+            log.log(step, {"eval_loss": eval_loss})
+        if step % train.save_steps == 0 or step == train.max_steps:
+            trainer_state = {"step": step, "epoch": stream.epoch, "batch_index": stream.index,
+                             "tokens_seen": tokens_seen, "eval_loss": eval_loss}
+            if is_main:
+                save_checkpoint(checkpoints_dir / f"step-{step}", unwrapped, optimizer, scheduler, trainer_state)
+                rotate_checkpoints(checkpoints_dir, train.save_total_limit)
+            accelerator.wait_for_everyone()
+    progress.close()
+
+    summary = {"steps": step, "first_eval_loss": first_eval, "final_eval_loss": eval_loss,
+               "tokens_seen": tokens_seen, **report}
+    if is_main:
+        save_adapter(unwrapped, output_dir / "adapter")
+        if train.sample_generations and data.validation:
+            _print_samples("before training", samples_before)
+            _print_samples("after training", sample_generations(
+                unwrapped, tokenizer, data.validation, train.sample_generations, train.max_new_tokens))
+        (output_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.summary(summary)
+    log.close()
+    accelerator.wait_for_everyone()
+    return summary

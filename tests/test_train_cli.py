@@ -1,0 +1,125 @@
+"""End to end through `train_llama.py`: the embedded default learns, resume is exact, 4-bit real LLaMA trains,
+the 70B dry run counts right, and CLI mistakes are one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT, shared_data
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One embedded-default cache for the whole session (built on first use, like a user's first run)."""
+    return tmp_path_factory.mktemp("nola-cache")
+
+
+def train(cache_dir, *arguments, check=True):
+    environment = {**os.environ, "NOLA_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+                   "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run([sys.executable, "train_llama.py", *map(str, arguments)], cwd=REPO_ROOT,
+                               env=environment, capture_output=True, text=True, timeout=900)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"train_llama.py failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+    return completed
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_recipe_learns_end_to_end(cache_dir, tmp_path):
+    output = tmp_path / "run"
+    completed = train(cache_dir, "recipes/tiny.yaml", f"train.output_dir={output}", "train.max_steps=60",
+                      "train.eval_steps=20", "train.save_steps=30")
+    evals = [m["eval_loss"] for m in metrics(output) if "eval_loss" in m]
+    assert len(evals) == 4 and evals[-1] < 0.8 * evals[0], evals
+    losses = [m for m in metrics(output) if "loss" in m]
+    assert {"lr", "grad_norm", "tokens_per_s", "seconds_per_step", "peak_memory_mb"} <= set(losses[0])
+    summary = json.loads((output / "run.json").read_text())
+    assert summary["steps"] == 60 and summary["trainable_params"] == summary["adapted_modules"] * 2 * 256
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-30", "step-60"]
+    assert list((output / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert "generations after training" in completed.stdout
+
+
+def test_resumed_run_reaches_the_same_coefficients(cache_dir, tmp_path):
+    common = ["recipes/tiny.yaml", "train.max_steps=8", "train.save_steps=4", "train.eval_steps=100",
+              "train.sample_generations=0", "log.wandb_mode=disabled", "train.save_total_limit=null",
+              "train.lr_scheduler=cosine"]
+    train(cache_dir, *common, f"train.output_dir={tmp_path / 'whole'}")
+    train(cache_dir, *common, f"train.output_dir={tmp_path / 'resumed'}",
+          f"train.resume_from={tmp_path / 'whole' / 'checkpoints' / 'step-4'}")
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    halfway = load_file(tmp_path / "whole" / "checkpoints" / "step-4" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all((whole[k] == resumed[k]).all() for k in whole), "resume diverged from the uninterrupted run"
+    assert any((whole[k] != halfway[k]).any() for k in whole), "steps 5-8 changed nothing: vacuous comparison"
+
+
+def test_auto_resume_continues_from_the_latest_checkpoint(cache_dir, tmp_path):
+    output = tmp_path / "run"
+    common = ["recipes/tiny.yaml", "train.save_steps=2", "train.eval_steps=100", "train.sample_generations=0",
+              "log.wandb_mode=disabled", f"train.output_dir={output}", "train.resume_from=auto"]
+    train(cache_dir, *common, "train.max_steps=2")
+    completed = train(cache_dir, *common, "train.max_steps=4")
+    assert f'"resumed_from": "{output / "checkpoints" / "step-2"}"' in completed.stdout
+    assert [m["step"] for m in metrics(output) if "loss" in m] == [2, 4]
+
+
+@pytest.mark.parametrize("method", ["nola", "lora"])
+def test_real_tiny_llama_in_nf4_learns_alpaca(tmp_path, cache_dir, method):
+    model_dir = shared_data("stories260K-hf")
+    alpaca = shared_data("alpaca/alpaca_subset.json")
+    output = tmp_path / method
+    train(cache_dir, "recipes/tiny.yaml", f"model.name_or_path={model_dir}", f"data.path={alpaca}",
+          "model.load_in_4bit=true", "model.compute_dtype=float32", f"adapter.method={method}", "adapter.rank=4",
+          "adapter.num_basis=64", f"train.lr={1e-2 if method == 'nola' else 3e-3}", "train.max_steps=40",
+          "train.eval_steps=40", "train.save_steps=40", "data.validation_size=64", "data.source_max_len=160",
+          "data.target_max_len=96", "train.sample_generations=0", "log.wandb_mode=disabled",
+          f"train.output_dir={output}")
+    evals = [m["eval_loss"] for m in metrics(output) if "eval_loss" in m]
+    assert evals[-1] < evals[0] - 0.05, evals
+    summary = json.loads((output / "run.json").read_text())
+    assert summary["adapted_modules"] == 5 * 7
+    # NOLA: 35 modules x (64 + 64) coefficients. LoRA rank 4: rank x (in + out) for q, o (64, 64), k, v (64, 32),
+    # gate, up (64, 172) and down (172, 64), over 5 layers: 26x more.
+    expected = 35 * 2 * 64 if method == "nola" else 5 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 172) * 3)
+    assert summary["trainable_params"] == expected
+
+
+def test_dry_run_of_the_70b_recipe_prints_the_paper_count():
+    completed = subprocess.run([sys.executable, "train_llama.py", "recipes/70b.yaml", "--dry-run"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=300, check=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["trainable_params"] == 573_440 and report["adapted_modules"] == 560
+    assert report["adapter_bytes"] == 4 * 573_440
+    assert 30 < report["estimated_gpu_memory_gib"] < 80
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["recipes/missing.yaml"], "recipes/missing.yaml: no such recipe file"),
+        (["recipes/tiny.yaml", "train.max_step=3"], "did you mean 'train.max_steps'"),
+        (["recipes/tiny.yaml", "data.path=/no/such/data.json"], "/no/such/data.json"),
+        (["recipes/tiny.yaml", "model.name_or_path=/no/such/model"], "model.name_or_path: no such directory"),
+        (["recipes/tiny.yaml", "adapter.target_modules=[attention]"], "matches no Linear layer"),
+    ],
+)
+def test_cli_mistakes_are_one_line_with_exit_code_2(cache_dir, tmp_path, arguments, message):
+    output = tmp_path / "out"
+    completed = train(cache_dir, *arguments, f"train.output_dir={output}", "log.wandb_mode=disabled", check=False)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], completed.stderr[-2000:]
+    assert not output.exists(), "a failed run left an output directory behind"

@@ -1,0 +1,45 @@
+"""Fine-tune a LLaMA with NOLA (or LoRA) adapters from a YAML recipe.
+
+    python train_llama.py RECIPE.yaml [dotted.key=value ...] [--dry-run]
+    accelerate launch train_llama.py recipes/70b.yaml train.max_steps=20
+
+Same command under `python`, `accelerate launch` and `torchrun`. A mistake in the recipe, overrides, data or
+checkpoint is reported as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from nola.errors import NolaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=20")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build on the meta device, print parameter counts and a memory estimate as JSON")
+    args = parser.parse_args(argv)
+    try:
+        from nola.config import load_recipe
+
+        config = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            from nola.dry_run import dry_run
+
+            print(json.dumps(dry_run(config)))
+            return 0
+        from nola.train import run
+
+        run(config)
+        return 0
+    except NolaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
