@@ -48,3 +48,9 @@ def shared_data(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared test data not present: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One embedded-default cache for the whole test session (built on first use, like a user's first run)."""
+    return tmp_path_factory.mktemp("nola-cache")

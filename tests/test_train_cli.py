@@ -14,12 +14,6 @@ from safetensors.torch import load_file
 from tests.conftest import REPO_ROOT, shared_data
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One embedded-default cache for the whole session (built on first use, like a user's first run)."""
-    return tmp_path_factory.mktemp("nola-cache")
-
-
 def train(cache_dir, *arguments, check=True):
     environment = {**os.environ, "NOLA_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
                    "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}

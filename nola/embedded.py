@@ -1,0 +1,239 @@
+"""The embedded default: a tiny LLaMA, its tokenizer and an instruction set, built locally on first use.
+
+The README's one command must train something real on a fresh machine with no download. So nola carries a small
+synthetic world (capitals, opposites, animal classes, colours, sums, sorting, word order) and builds from it:
+
+  * `embedded:tiny-instructions`: ~3,000 Alpaca-format records (JSON list) asking about that world;
+  * `embedded:tiny-llama`: a 4-layer LLaMA (hidden 128, 2 KV heads, ~1M weights) with a 1,000-piece SentencePiece
+    tokenizer (BPE, byte fallback, LLaMA's special ids), pre-trained for a minute or two on plain prose about the same
+    world, never on the instruction format.
+
+So the base "knows" the facts but not how to answer an instruction: that is what the adapter learns, as in the
+paper's Alpaca runs. Everything is seeded (local generators, never the global RNG state of the caller) and cached
+under $NOLA_CACHE_DIR (default ~/.cache/nola)/embedded-v1; the build goes to a temporary directory renamed into
+place under a file lock, so concurrent processes (ranks, parallel runs) build it once and never see half of it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from nola.data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+from nola.errors import NolaError
+
+VERSION = "embedded-v1"
+PREFIX = "embedded:"
+ASSETS = {"tiny-llama": "tiny-llama", "tiny-instructions": "tiny-instructions.json"}
+
+CAPITALS = {
+    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo", "Egypt": "Cairo",
+    "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo", "Greece": "Athens", "Chile": "Santiago",
+    "Poland": "Warsaw", "Cuba": "Havana", "India": "New Delhi", "China": "Beijing", "Russia": "Moscow",
+    "Ireland": "Dublin", "Portugal": "Lisbon", "Austria": "Vienna", "Sweden": "Stockholm", "Mexico": "Mexico City",
+    "Brazil": "Brasilia", "Turkey": "Ankara",
+}
+OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "happy": "sad", "old": "new",
+    "open": "closed", "early": "late", "full": "empty", "hard": "soft", "high": "low", "strong": "weak",
+    "rich": "poor", "wet": "dry", "loud": "quiet", "long": "short", "thick": "thin", "near": "far", "clean": "dirty",
+}
+ANIMALS = {
+    "dog": "mammal", "cat": "mammal", "horse": "mammal", "whale": "mammal", "mouse": "mammal", "bat": "mammal",
+    "eagle": "bird", "owl": "bird", "penguin": "bird", "duck": "bird", "crow": "bird", "parrot": "bird",
+    "shark": "fish", "salmon": "fish", "trout": "fish", "tuna": "fish", "cod": "fish", "carp": "fish",
+    "snake": "reptile", "lizard": "reptile", "turtle": "reptile", "crocodile": "reptile", "gecko": "reptile",
+}
+COLOURS = {
+    "the sky": "blue", "grass": "green", "snow": "white", "coal": "black", "a banana": "yellow", "a tomato": "red",
+    "an orange": "orange", "a plum": "purple", "the sea": "blue", "a lemon": "yellow", "milk": "white",
+    "a leaf": "green", "a cherry": "red", "chocolate": "brown", "a carrot": "orange", "soot": "black",
+}
+WORDS = ["red", "tree", "river", "stone", "bird", "house", "moon", "song", "bread", "road", "cloud", "fire", "book",
+         "door", "hill", "lamp", "ship", "rain", "star", "wind"]
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _prose_sentence(rng: random.Random) -> str:
+    """One plain-text statement about the world (pre-training corpus); some are questions and answers in plain
+    prose, the way web text holds them, so the base can condition an answer on a question."""
+    if rng.random() < 0.3:
+        record = _instruction(rng)
+        question = f"{record['instruction']} {record['input']}".strip()
+        return rng.choice([f"Q: {question} A: {record['output']}", f"Asked \"{question}\", one answers: {record['output']}"])
+    kind = rng.randrange(5)
+    if kind == 0:
+        country, city = rng.choice(list(CAPITALS.items()))
+        return rng.choice([f"The capital of {country} is {city}.", f"{city} is the capital of {country}.",
+                           f"People in {country} call {city} their capital."])
+    if kind == 1:
+        word, opposite = rng.choice(list(OPPOSITES.items()))
+        return rng.choice([f"The opposite of {word} is {opposite}.", f"The opposite of {opposite} is {word}.",
+                           f"{_sentence(word)} and {opposite} are opposites."])
+    if kind == 2:
+        animal, group = rng.choice(list(ANIMALS.items()))
+        return rng.choice([f"A {animal} is a {group}.", f"The {animal} is a kind of {group}.",
+                           f"Every {animal} is a {group}."])
+    if kind == 3:
+        thing, colour = rng.choice(list(COLOURS.items()))
+        return rng.choice([f"{_sentence(thing)} is {colour}.", f"The colour of {thing} is {colour}."])
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return f"Backwards, the words {' '.join(words)} read {' '.join(reversed(words))}."
+
+
+def _instruction(rng: random.Random) -> dict[str, str]:
+    """One Alpaca-style record whose answer follows from facts the base model read in pre-training."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        country, city = rng.choice(list(CAPITALS.items()))
+        return {"instruction": f"What is the capital of {country}?", "input": "",
+                "output": f"The capital of {country} is {city}."}
+    if kind == 1:
+        word, opposite = rng.choice(list(OPPOSITES.items()) + [(b, a) for a, b in OPPOSITES.items()])
+        return {"instruction": "Give the opposite of the word below.", "input": word,
+                "output": f"The opposite of {word} is {opposite}."}
+    if kind == 2:
+        animal, group = rng.choice(list(ANIMALS.items()))
+        return {"instruction": "Is this animal a mammal, a bird, a fish or a reptile?", "input": animal,
+                "output": f"A {animal} is a {group}."}
+    if kind == 3:
+        thing, colour = rng.choice(list(COLOURS.items()))
+        return {"instruction": f"What colour is {thing}?", "input": "", "output": f"{_sentence(thing)} is {colour}."}
+    if kind == 4:
+        words = rng.sample(WORDS, rng.randint(3, 5))
+        return {"instruction": "Write these words in reverse order.", "input": " ".join(words),
+                "output": " ".join(reversed(words))}
+    group = rng.choice(sorted(set(ANIMALS.values())))
+    members = sorted(animal for animal, kind_of in ANIMALS.items() if kind_of == group)
+    picked = rng.sample(members, 2)
+    plural = group if group == "fish" else group + "s"
+    return {"instruction": f"Name two animals that are {plural}.", "input": "",
+            "output": f"A {picked[0]} and a {picked[1]} are both {plural}."}
+
+
+def instruction_records(count: int = 3000, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(f"tiny-instructions:{seed}")
+    return [_instruction(rng) for _ in range(count)]
+
+
+def prose_corpus(count: int = 24000, seed: int = 0) -> list[str]:
+    """Paragraphs of 4-8 statements: the base model's pre-training text."""
+    rng = random.Random(f"tiny-prose:{seed}")
+    paragraphs = []
+    while sum(len(p) for p in paragraphs) < count * 40:
+        paragraphs.append(" ".join(_prose_sentence(rng) for _ in range(rng.randint(4, 8))))
+    return paragraphs
+
+
+def _train_tokenizer(texts: list[str], directory: Path, vocab_size: int = 1000) -> None:
+    """A LLaMA-style SentencePiece model (BPE, byte fallback, split digits, <unk>=0 <s>=1 </s>=2)."""
+    import sentencepiece as spm
+
+    model = directory / "tokenizer.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(model.with_suffix("")), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2,
+    )
+    model.with_suffix(".vocab").unlink()
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, **special,
+        "pad_token": None, "legacy": False, "clean_up_tokenization_spaces": False, "model_max_length": 512,
+        "padding_side": "right",
+    }, indent=2) + "\n")
+
+
+def _pretrain(directory: Path, paragraphs: list[str], steps: int = 800) -> None:
+    """Next-token pre-training on the prose, packed into 128-token rows; seeded on a forked RNG."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    ids = [token for ids in tokenizer(paragraphs)["input_ids"] for token in ids + [tokenizer.eos_token_id]]
+    sequence, batch_size = 128, 16
+    rows = torch.tensor(ids[: len(ids) // sequence * sequence]).view(-1, sequence)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        )
+        generator = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(steps):
+            batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    model.save_pretrained(directory)
+    (directory / "pretraining.json").write_text(json.dumps(
+        {"steps": steps, "batch": [batch_size, sequence], "final_train_loss": round(loss.item(), 4)}, indent=2
+    ) + "\n")
+
+
+def _build(target: Path) -> None:
+    records = instruction_records()
+    paragraphs = prose_corpus()
+    model_dir = target / ASSETS["tiny-llama"]
+    model_dir.mkdir(parents=True)
+    templates = [PROMPT_WITH_INPUT.format(**r) if r["input"] else PROMPT_NO_INPUT.format(**r) for r in records[:300]]
+    _train_tokenizer(paragraphs + templates + [r["output"] for r in records], model_dir)
+    _pretrain(model_dir, paragraphs)
+    (target / ASSETS["tiny-instructions"]).write_text(json.dumps(records, indent=1) + "\n")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NOLA_CACHE_DIR") or Path.home() / ".cache" / "nola") / VERSION
+
+
+def ensure_built() -> Path:
+    """The cache directory holding every embedded asset, building it (once, under a lock) if needed."""
+    root = cache_root()
+    if root.is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if root.is_dir():  # another process built it while we waited
+            return root
+        staging = root.parent / f"{VERSION}.building-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"nola: building the embedded default in {root} (once, a minute or two)", flush=True)
+        try:
+            _build(staging)
+            staging.rename(root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def resolve(value: str) -> str:
+    """`embedded:NAME` -> the local path of that asset (built on first use); anything else unchanged."""
+    if not value.startswith(PREFIX):
+        return value
+    name = value[len(PREFIX):]
+    if name not in ASSETS:
+        raise NolaError(f"unknown embedded asset {value!r} (known: {', '.join(PREFIX + n for n in ASSETS)})")
+    return str(ensure_built() / ASSETS[name])
