@@ -187,7 +187,13 @@ def _pretrain(directory: Path, paragraphs: list[str], steps: int = 800) -> None:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
-    model.save_pretrained(directory)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a first run's only output should be our one line
+    try:
+        model.save_pretrained(directory)
+    finally:
+        transformers_logging.enable_progress_bar()
     (directory / "pretraining.json").write_text(json.dumps(
         {"steps": steps, "batch": [batch_size, sequence], "final_train_loss": round(loss.item(), 4)}, indent=2
     ) + "\n")

@@ -17,7 +17,7 @@ from nola.errors import NolaError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
-def _checked_source(name_or_path: str) -> str:
+def check_model_source(name_or_path: str) -> str:
     """A local directory must hold a config.json; anything else is treated as a hub name (offline-aware)."""
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
@@ -41,7 +41,7 @@ def load_model_config(section: ModelSection):
             raise NolaError(f"{path}: not valid JSON ({error})") from None
     try:
         return AutoConfig.from_pretrained(
-            _checked_source(section.name_or_path), trust_remote_code=section.trust_remote_code
+            check_model_source(section.name_or_path), trust_remote_code=section.trust_remote_code
         )
     except OSError as error:
         raise NolaError(f"model.name_or_path: cannot load a config from {section.name_or_path!r} ({error})") from None
@@ -95,11 +95,29 @@ def prepare_for_kbit_training(model: nn.Module) -> None:
     model.enable_input_require_grads()
 
 
+def load_tokenizer(section: ModelSection, tokenizer_source: str | None):
+    """The tokenizer from `data.tokenizer` when given, else from the model checkpoint; pad falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    key, source = ("data.tokenizer", tokenizer_source) if tokenizer_source else ("model.name_or_path", None)
+    source = source or check_model_source(section.name_or_path)
+    if Path(source).exists() and not Path(source).is_dir():
+        raise NolaError(f"{key}: {source} is not a tokenizer directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise NolaError(f"{key}: cannot load a tokenizer from {source!r} ({reason})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(section: ModelSection, device: torch.device) -> nn.Module:
     """Load the base causal LM on `device` (4-bit when asked), prepared for adapter training."""
     from transformers import AutoModelForCausalLM
 
-    source = _checked_source(section.name_or_path)
+    source = check_model_source(section.name_or_path)
     quantization = quantization_config(section)
     kwargs = dict(trust_remote_code=section.trust_remote_code)
     if quantization is not None:

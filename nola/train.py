@@ -34,7 +34,7 @@ from nola.config import RecipeConfig
 from nola.data import batch_schedule, collate, load_records, prepare_data
 from nola.errors import NolaError
 from nola.inject import attach, parameter_report
-from nola.modeling import load_model
+from nola.modeling import check_model_source, load_model, load_tokenizer
 from nola.run_log import RunLog
 
 
@@ -156,7 +156,7 @@ def sample_generations(model, tokenizer, examples, count: int, max_new_tokens: i
         prompt = torch.tensor([example["input_ids"][:prompt_length]], device=model.device)
         output = model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         samples.append({
             "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True)[-120:],
@@ -176,7 +176,6 @@ def _print_samples(title: str, samples: list[dict[str, str]]) -> None:
 def run(config: RecipeConfig) -> dict:
     """Train the recipe; returns the run summary (also written to output_dir/run.json on rank 0)."""
     from accelerate import Accelerator
-    from transformers import AutoTokenizer
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision)
     is_main = accelerator.is_main_process
@@ -185,16 +184,18 @@ def run(config: RecipeConfig) -> dict:
     checkpoints_dir = output_dir / "checkpoints"
     resume_dir = resolve_resume(config, checkpoints_dir)
 
+    if not config.model.name_or_path.startswith(embedded.PREFIX):
+        check_model_source(config.model.name_or_path)  # a typo fails now, not after the data is read
     with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
-        model_path = embedded.resolve(config.model.name_or_path)
-        data_path = embedded.resolve(config.data.path)
-    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_path)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        records = load_records(embedded.resolve(config.data.path))
+        model_section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
+    tokenizer = load_tokenizer(model_section, config.data.tokenizer)
+    pad_token_id = tokenizer.pad_token_id
     data = prepare_data(
-        load_records(data_path), tokenizer, config.data.source_max_len, config.data.target_max_len,
+        records, tokenizer, config.data.source_max_len, config.data.target_max_len,
         config.data.validation_size, train.seed, config.data.train_on_source,
     )
-    model = load_model(dataclasses.replace(config.model, name_or_path=model_path), accelerator.device)
+    model = load_model(model_section, accelerator.device)
     attach(model, config.adapter_config())
     report = parameter_report(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
