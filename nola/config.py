@@ -71,6 +71,16 @@ class TrainSection:
 
 
 @dataclass
+class MmluSection:
+    path: str | None = None  # QLoRA-format MMLU file or a cais/mmlu-schema hub dataset; null = no MMLU eval
+    shots: int = 5  # demonstrations per prompt when prompts are built from a hub dataset
+    max_examples: int | None = None  # score the first N questions only (quick checks)
+    batch_size: int = 4
+    max_length: int = 4096  # longer prompts keep their end (the question)
+    at_start: bool = False  # also score the base before training, for a baseline
+
+
+@dataclass
 class LogSection:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "nola"
@@ -84,6 +94,7 @@ class RecipeConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    mmlu: MmluSection = field(default_factory=MmluSection)
     log: LogSection = field(default_factory=LogSection)
 
     def adapter_config(self) -> AdapterConfig:
@@ -117,6 +128,10 @@ _RANGES = [
     ("train.seed", lambda v: v >= 0, ">= 0"),
     ("train.sample_generations", lambda v: v >= 0, ">= 0"),
     ("train.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("mmlu.shots", lambda v: 0 <= v <= 5, "in [0, 5] (the dev split holds 5 per subject)"),
+    ("mmlu.max_examples", lambda v: v is None or v >= 1, ">= 1"),
+    ("mmlu.batch_size", lambda v: v >= 1, ">= 1"),
+    ("mmlu.max_length", lambda v: v >= 16, ">= 16"),
 ]
 
 

@@ -55,13 +55,12 @@ def _check_example(record: object, where: str) -> dict[str, str]:
 
 def _read_local(path: Path) -> list[dict[str, str]]:
     text = path.read_text(encoding="utf-8")
-    try:  # a JSON list ...
-        records = json.loads(text)
-        if not isinstance(records, list):
-            records = [records]
+    if text.lstrip().startswith("["):  # a JSON list ...
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise NolaError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
         return [_check_example(r, f"{path}: record {n}") for n, r in enumerate(records, 1)]
-    except json.JSONDecodeError:
-        pass
     examples = []  # ... or JSON Lines (qlora's .json files are JSON Lines)
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():

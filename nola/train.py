@@ -34,6 +34,7 @@ from nola.config import RecipeConfig
 from nola.data import batch_schedule, collate, load_records, prepare_data
 from nola.errors import NolaError
 from nola.inject import attach, parameter_report
+from nola.mmlu import load_mmlu, mmlu_accuracy
 from nola.modeling import check_model_source, load_model, load_tokenizer
 from nola.run_log import RunLog
 
@@ -189,6 +190,8 @@ def run(config: RecipeConfig) -> dict:
     with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
         records = load_records(embedded.resolve(config.data.path))
         model_section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
+        mmlu_examples = load_mmlu(config.mmlu.path, config.mmlu.shots) if config.mmlu.path else []
+    mmlu_examples = mmlu_examples[: config.mmlu.max_examples]
     tokenizer = load_tokenizer(model_section, config.data.tokenizer)
     pad_token_id = tokenizer.pad_token_id
     data = prepare_data(
@@ -224,9 +227,13 @@ def run(config: RecipeConfig) -> dict:
             return float("nan")
         return evaluate(model, data.validation, train.micro_batch_size, pad_token_id, accelerator, train.eval_max_batches)
 
+    def mmlu_now() -> dict[str, float]:
+        return mmlu_accuracy(model, tokenizer, mmlu_examples, config.mmlu.batch_size, config.mmlu.max_length,
+                             accelerator)
+
     first_eval = evaluate_now()
     if start_step == 0:
-        log.log(0, {"eval_loss": first_eval})
+        log.log(0, {"eval_loss": first_eval, **(mmlu_now() if mmlu_examples and config.mmlu.at_start else {})})
     samples_before = []
     if is_main and train.sample_generations and data.validation:
         samples_before = sample_generations(unwrapped, tokenizer, data.validation, train.sample_generations,
@@ -295,6 +302,9 @@ def run(config: RecipeConfig) -> dict:
 
     summary = {"steps": step, "first_eval_loss": first_eval, "final_eval_loss": eval_loss,
                "tokens_seen": tokens_seen, **report}
+    if mmlu_examples:
+        summary.update(mmlu_now())
+        log.log(step, {key: summary[key] for key in ("mmlu_accuracy", "mmlu_examples")})
     if is_main:
         save_adapter(unwrapped, output_dir / "adapter")
         if train.sample_generations and data.validation:

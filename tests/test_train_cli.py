@@ -79,10 +79,14 @@ def test_real_tiny_llama_in_nf4_learns_alpaca(tmp_path, cache_dir, method):
           "adapter.num_basis=64", f"train.lr={1e-2 if method == 'nola' else 3e-3}", "train.max_steps=40",
           "train.eval_steps=40", "train.save_steps=40", "data.validation_size=64", "data.source_max_len=160",
           "data.target_max_len=96", "train.sample_generations=0", "log.wandb_mode=disabled",
-          f"train.output_dir={output}")
+          f"train.output_dir={output}", f"mmlu.path={shared_data('mmlu/zero_shot_mmlu_val.json')}",
+          "mmlu.max_examples=24", "mmlu.at_start=true")
     evals = [m["eval_loss"] for m in metrics(output) if "eval_loss" in m]
     assert evals[-1] < evals[0] - 0.05, evals
     summary = json.loads((output / "run.json").read_text())
+    mmlu = [m for m in metrics(output) if "mmlu_accuracy" in m]
+    assert [m["step"] for m in mmlu] == [0, 40] and summary["mmlu_examples"] == 24
+    assert summary["mmlu_accuracy"] == mmlu[-1]["mmlu_accuracy"] and 0 <= summary["mmlu_accuracy"] <= 1
     assert summary["adapted_modules"] == 5 * 7
     # NOLA: 35 modules x (64 + 64) coefficients. LoRA rank 4: rank x (in + out) for q, o (64, 64), k, v (64, 32),
     # gate, up (64, 172) and down (172, 64), over 5 layers: 26x more.
