@@ -35,7 +35,7 @@ FORMAT = "nola-adapter"
 FORMAT_VERSION = 1
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -102,7 +102,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
             "generator_version": GENERATOR_VERSION,
             "adapter": config.to_dict(),
             "base_model": {"modules": fingerprint},
-            "weights_sha256": _file_sha256(directory / WEIGHTS_FILE),
+            "weights_sha256": file_sha256(directory / WEIGHTS_FILE),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
@@ -130,7 +130,7 @@ def read_adapter_description(path: str | os.PathLike) -> dict:
             f"{config_path}: basis generator {description.get('generator_version')!r} differs from this nola's "
             f"{GENERATOR_VERSION!r}; its bases cannot be regenerated"
         )
-    if description.get("weights_sha256") != _file_sha256(weights_path):
+    if description.get("weights_sha256") != file_sha256(weights_path):
         raise NolaError(f"{weights_path}: corrupted or truncated (SHA-256 differs from {CONFIG_FILE})")
     if not isinstance(description.get("adapter"), dict) or not isinstance(description.get("base_model"), dict):
         raise NolaError(f"{config_path}: missing 'adapter' or 'base_model' section")

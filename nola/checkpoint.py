@@ -10,7 +10,6 @@ hidden temporary directory, never a `step-N` that looks complete. Loading verifi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nola.adapter_io import save_adapter, write_directory_atomically
+from nola.adapter_io import file_sha256, save_adapter, write_directory_atomically
 from nola.errors import NolaError
 
 MANIFEST = "manifest.json"
@@ -35,17 +34,9 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest_of(directory: Path) -> dict[str, dict]:
     return {
-        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
@@ -118,7 +109,7 @@ def verify_checkpoint(directory: Path) -> None:
         raise NolaError(f"{manifest_path}: not valid JSON") from None
     for name, facts in manifest.items():
         path = directory / name
-        if not path.is_file() or path.stat().st_size != facts["bytes"] or _sha256(path) != facts["sha256"]:
+        if not path.is_file() or path.stat().st_size != facts["bytes"] or file_sha256(path) != facts["sha256"]:
             raise NolaError(f"{directory}: checkpoint file {name} is missing or corrupted")
 
 

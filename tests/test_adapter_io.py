@@ -131,9 +131,9 @@ def _rewrite_weights(path, edit):
     tensors = load_file(path / WEIGHTS_FILE)
     edit(tensors)
     save_file(tensors, str(path / WEIGHTS_FILE))
-    from nola.adapter_io import _file_sha256
+    from nola.adapter_io import file_sha256
 
-    _edit_json(path, lambda d: d.update(weights_sha256=_file_sha256(path / WEIGHTS_FILE)))
+    _edit_json(path, lambda d: d.update(weights_sha256=file_sha256(path / WEIGHTS_FILE)))
 
 
 @pytest.mark.parametrize(
