@@ -74,13 +74,17 @@ def write_directory_atomically(path: Path, write_into) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file stores, keyed `<module>.<tensor>` (packed codes and grid for quantised NOLA)."""
+def adapter_state(model: nn.Module, values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file stores, keyed `<module>.<tensor>` (packed codes and grid for quantised NOLA).
+
+    `values` (parameter name -> full tensor) stands in for the model's own tensors when those are partitioned
+    across processes (DeepSpeed ZeRO-3) and were gathered by the caller."""
     config = adapter_config_of(model)
     state = {}
     for name, module in adapted_modules(model):
         for short_name, tensor in module.trainable_tensors().items():
             key = f"{name}.{short_name}"
+            tensor = values[key] if values is not None else tensor
             if config.quant_bits and module.method == "nola":
                 state[f"{key}.codes"], state[f"{key}.grid"] = pack_codes(tensor, config.quant_bits)
             else:
@@ -88,10 +92,10 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapter to directory `path` atomically; returns the path."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, values: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapter to directory `path` atomically; returns the path. See `adapter_state` for values."""
     config = adapter_config_of(model)
-    state = adapter_state(model)
+    state = adapter_state(model, values)
     fingerprint = base_fingerprint(model)
 
     def write_into(directory: Path) -> None:

@@ -14,6 +14,8 @@ import json
 import random
 import shutil
 import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,11 +29,16 @@ MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 TRAINABLE_TENSORS = "trainable.safetensors"
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that trains, by name, detached on CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+@dataclass
+class TrainingState:
+    """What a checkpoint needs of the model and optimizer, gathered into full tensors on the CPU."""
+
+    values: dict[str, torch.Tensor]  # parameter name -> full trainable value
+    moments: dict[str, torch.Tensor]  # "<parameter name>.<state key>" -> optimizer state tensor
+    meta: dict  # step count, learning rates, non-tensor optimizer state
 
 
 def _manifest_of(directory: Path) -> dict[str, dict]:
@@ -42,47 +49,130 @@ def _manifest_of(directory: Path) -> dict[str, dict]:
     }
 
 
-def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """torch optimizer state_dict -> (tensors for safetensors, everything else for JSON)."""
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _optimizer_chain(optimizer) -> list:
+    """accelerate's wrapper, DeepSpeed's ZeRO optimizer (if any), ..., the torch optimizer (step count and lr)."""
+    chain = [optimizer]
+    while hasattr(chain[-1], "optimizer") and chain[-1].optimizer is not chain[-1]:
+        chain.append(chain[-1].optimizer)
+    return chain
+
+
+def _base_optimizer(optimizer) -> torch.optim.Optimizer:
+    return _optimizer_chain(optimizer)[-1]
+
+
+def _create_deepspeed_optimizer_state(optimizer) -> None:
+    """ZeRO creates its Adam state (and the per-parameter views into it) at the first step, which a resumed run
+    has not taken: create it, zero-filled, for ZeRO's flat fp32 partitions (stage 1/2 and stage 3 name them
+    differently); the restore that follows fills it."""
+    chain = _optimizer_chain(optimizer)
+    base = chain[-1]
+    if any(ADAM_MOMENTS[0] in entry for entry in base.state.values()):
+        return
+    for wrapper in chain[:-1]:
+        partitions = getattr(wrapper, "single_partition_of_fp32_groups", None) or getattr(
+            wrapper, "fp32_partitioned_groups_flat", None) or []
+        for partition in partitions:
+            base.state[partition] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(partition)
+                                                                  for k in ADAM_MOMENTS}}
+        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+            wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items() if value is not None}
+
+
+def gather_training_state(model: nn.Module, optimizer, deepspeed: bool = False) -> TrainingState:
+    """Every trainable parameter's full value and optimizer moments, keyed by parameter name, plus the step count
+    and learning rates: the same files whatever engine and process count wrote them, so a checkpoint resumes on
+    another. Under DeepSpeed the values are assembled from the ZeRO partitions, a collective: every rank must call
+    this, in the same order."""
+    values, moments, scalars = {}, {}, {}
+    for name, parameter in _trainable(model):
+        if deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            values[name] = safe_get_full_fp32_param(parameter)
+            for key in ADAM_MOMENTS:
+                moments[f"{name}.{key}"] = safe_get_full_optimizer_state(parameter, key)
+            continue
+        values[name] = parameter
+        for key, value in optimizer.state.get(parameter, {}).items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+                moments[f"{name}.{key}"] = value
             else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars[f"{name}.{key}"] = value
+    base = _base_optimizer(optimizer)
+    steps = [float(state["step"]) for state in base.state.values() if "step" in state]
+    meta = {"step": steps[0] if steps else 0.0, "lr": [group["lr"] for group in base.param_groups],
+            "scalars": scalars}
+    return TrainingState(_on_cpu(values), _on_cpu(moments), meta)
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *rest["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
+def _copy_into_parameter(parameter: nn.Parameter, value: torch.Tensor) -> None:
+    """Write the copy that forward reads. DeepSpeed keeps it apart from its fp32 master, and under ZeRO-3 it is
+    partitioned: gather it, write it, and let DeepSpeed partition it again from rank 0's copy."""
+    if hasattr(parameter, "ds_id"):
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters([parameter], modifier_rank=0)
+    else:
+        context = nullcontext()
+    with context, torch.no_grad():
+        parameter.copy_(value.to(parameter.device, parameter.dtype))
 
 
-def save_checkpoint(
-    directory: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    trainer_state: dict,
-) -> Path:
-    """Write a complete checkpoint to `directory` atomically."""
-    optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
+def restore_training_state(model: nn.Module, optimizer, state: TrainingState, deepspeed: bool = False) -> None:
+    """Put gathered values and moments back into (possibly partitioned) parameters and optimizer state."""
+    if deepspeed:
+        _create_deepspeed_optimizer_state(optimizer)
+    for name, parameter in _trainable(model):
+        value = state.values[name]
+        if deepspeed:
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            safe_set_full_fp32_param(parameter, value.to(parameter.device))
+            for key in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(parameter, state.moments[f"{name}.{key}"].to(parameter.device), key)
+        else:
+            prefix = f"{name}."
+            optimizer.state[parameter] = {
+                **{k[len(prefix):]: v.to(parameter.device) for k, v in state.moments.items() if k.startswith(prefix)},
+                **{k[len(prefix):]: v for k, v in state.meta["scalars"].items() if k.startswith(prefix)},
+            }
+            if optimizer.state[parameter]:  # DeepSpeed keeps one step count for all; torch's Adam wants one each
+                optimizer.state[parameter].setdefault("step", torch.tensor(state.meta["step"]))
+        _copy_into_parameter(parameter, value)
+    base = _base_optimizer(optimizer)
+    for entry in base.state.values():
+        if isinstance(entry.get("step"), torch.Tensor):
+            entry["step"] = torch.full_like(entry["step"], state.meta["step"])
+        elif "step" in entry:
+            entry["step"] = type(entry["step"])(state.meta["step"])
+    for group, lr in zip(base.param_groups, state.meta["lr"]):
+        group["lr"] = lr
+
+
+def save_checkpoint(directory: Path, model: nn.Module, training_state: TrainingState, scheduler,
+                    trainer_state: dict) -> Path:
+    """Write a complete checkpoint to `directory` atomically (on one rank, from a state gathered on all)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
 
     def write_into(temporary: Path) -> None:
-        save_adapter(model, temporary / "adapter")
-        save_file(trainable_tensors(model), str(temporary / TRAINABLE_TENSORS))
-        save_file(optimizer_tensors, str(temporary / OPTIMIZER_TENSORS))
+        save_adapter(model, temporary / "adapter", values=training_state.values)
+        save_file(training_state.values, str(temporary / TRAINABLE_TENSORS))
+        save_file(training_state.moments, str(temporary / OPTIMIZER_TENSORS))
         save_file(rng, str(temporary / "rng.safetensors"))
         state = {
             **trainer_state,
-            "optimizer": optimizer_rest,
+            "optimizer": training_state.meta,
             "scheduler": scheduler.state_dict(),
             "python_random": _python_random_state(),
         }
@@ -145,18 +235,17 @@ def rotate_checkpoints(checkpoints_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore adapter values, optimizer, scheduler and RNG states in place; returns the trainer state."""
+def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, deepspeed: bool = False) -> dict:
+    """Restore adapter values, optimizer, scheduler and RNG states in place; returns the trainer state. Under
+    DeepSpeed every rank must call it (restoring partitions is a collective)."""
     verify_checkpoint(directory)
     state = json.loads((directory / STATE_FILE).read_text())
-    saved = load_file(directory / TRAINABLE_TENSORS)
-    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(saved) != set(parameters) or any(saved[n].shape != p.shape for n, p in parameters.items()):
+    values = load_file(directory / TRAINABLE_TENSORS)
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in _trainable(model)}
+    if set(values) != set(shapes) or any(tuple(values[name].shape) != shape for name, shape in shapes.items()):
         raise NolaError(f"{directory}: checkpoint adapter does not match this run's adapter configuration")
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            parameter.copy_(saved[name].to(parameter.dtype))
-    optimizer.load_state_dict(_join_optimizer_state(load_file(directory / OPTIMIZER_TENSORS), state["optimizer"]))
+    training_state = TrainingState(values, load_file(directory / OPTIMIZER_TENSORS), state["optimizer"])
+    restore_training_state(model, optimizer, training_state, deepspeed)
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(directory / "rng.safetensors")
     torch.set_rng_state(rng["torch"])

@@ -205,33 +205,39 @@ def prepare_data(
 
 
 def batch_schedule(
-    lengths: list[int], micro_batch_size: int, seed: int, epoch: int, group_by_length: bool,
+    lengths: list[int], micro_batch_size: int, grad_accum_steps: int, seed: int, epoch: int, group_by_length: bool,
     num_replicas: int = 1, rank: int = 0,
-) -> list[list[int]]:
-    """This rank's micro-batches (lists of example indices) for one epoch.
+) -> list[list[list[int]]]:
+    """This rank's share of one epoch: for each optimizer step, its micro-batches (lists of example indices).
 
-    Global batches of micro_batch_size x num_replicas examples are drawn from a permutation seeded by (seed, epoch);
-    rank r takes the r-th slice of each, so ranks see disjoint examples and the last incomplete global batch is
-    dropped (every rank runs the same number of steps). With group_by_length, each window of 64 global batches is
-    sorted by length before slicing, so micro-batches hold similar lengths (less padding), and the batches are
-    then shuffled so long and short ones alternate.
+    Each step consumes `micro_batch_size x grad_accum_steps x num_replicas` consecutive examples of a permutation
+    seeded by (seed, epoch). Which examples form a step depends on that product only, never on how it is split, so
+    8 processes x 1 micro-batch and 1 process x 8 micro-batches train on the same global batches and a checkpoint
+    resumes on another process count. Ranks take disjoint slices; the last incomplete step is dropped (every rank
+    runs the same number of steps). With group_by_length, each window of 64 steps is sorted by length before it is
+    cut, so micro-batches hold similar lengths (less padding), and the steps are then shuffled.
     """
     rng = random.Random(f"batches:{seed}:{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    global_size = micro_batch_size * num_replicas
-    order = order[: len(order) - len(order) % global_size]
+    per_rank = micro_batch_size * grad_accum_steps
+    step_size = per_rank * num_replicas
+    order = order[: len(order) - len(order) % step_size]
     if group_by_length:
-        window = global_size * 64
+        window = step_size * 64
         order = [
             index
             for start in range(0, len(order), window)
             for index in sorted(order[start : start + window], key=lambda i: -lengths[i])
         ]
-    global_batches = [order[i : i + global_size] for i in range(0, len(order), global_size)]
+    steps = [order[i : i + step_size] for i in range(0, len(order), step_size)]
     if group_by_length:
-        rng.shuffle(global_batches)
-    return [batch[rank * micro_batch_size : (rank + 1) * micro_batch_size] for batch in global_batches]
+        rng.shuffle(steps)
+    schedule = []
+    for step in steps:
+        mine = step[rank * per_rank : (rank + 1) * per_rank]
+        schedule.append([mine[i : i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)])
+    return schedule
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

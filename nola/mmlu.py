@@ -130,7 +130,10 @@ def mmlu_accuracy(model, tokenizer, examples, batch_size: int, max_length: int, 
     """Accuracy over `examples` (each rank scores its share when an accelerator is given; counts are summed)."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = examples[rank::world]
-    predicted = predict_letters(model, tokenizer, [e["input"] for e in mine], batch_size, max_length)
+    # Every rank scores the same number of prompts (repeats of the first, uncounted), so forward passes pair up
+    # across ranks as ZeRO-3 and DDP need.
+    padded = mine + examples[:1] * (-(-len(examples) // world) - len(mine))
+    predicted = predict_letters(model, tokenizer, [e["input"] for e in padded], batch_size, max_length)
     counts = torch.tensor([sum(p == e["output"] for p, e in zip(predicted, mine)), len(mine)], dtype=torch.float64)
     if accelerator is not None:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from nola import embedded
 from nola.adapter_io import save_adapter
 from nola.checkpoint import (
+    gather_training_state,
     latest_valid_checkpoint,
     load_checkpoint,
     rotate_checkpoints,
@@ -53,40 +54,65 @@ def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-class MicroBatches:
-    """An endless, resumable stream of this rank's micro-batches: epoch after epoch of `batch_schedule`.
+class StepBatches:
+    """An endless, resumable stream of this rank's micro-batches, one optimizer step at a time: epoch after epoch
+    of `batch_schedule`. Its position (epoch, step within the epoch) is all a checkpoint needs to continue exactly,
+    on any split of the same global batch."""
 
-    Its position (epoch, index within the epoch's schedule) is all a checkpoint needs to continue exactly.
-    """
-
-    def __init__(self, examples, micro_batch_size, seed, group_by_length, num_replicas, rank, pad_token_id) -> None:
+    def __init__(self, examples, micro_batch_size, grad_accum_steps, seed, group_by_length, num_replicas, rank,
+                 pad_token_id) -> None:
         self.examples = examples
         self.lengths = [len(e["input_ids"]) for e in examples]
-        self.settings = dict(micro_batch_size=micro_batch_size, seed=seed, group_by_length=group_by_length,
-                             num_replicas=num_replicas, rank=rank)
+        self.settings = dict(micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, seed=seed,
+                             group_by_length=group_by_length, num_replicas=num_replicas, rank=rank)
+        self.global_batch = micro_batch_size * grad_accum_steps * num_replicas
         self.pad_token_id = pad_token_id
         self.epoch, self.index = 0, 0
         self._schedule = self._epoch_schedule(0)
 
-    def _epoch_schedule(self, epoch: int) -> list[list[int]]:
+    def _epoch_schedule(self, epoch: int) -> list[list[list[int]]]:
         schedule = batch_schedule(self.lengths, epoch=epoch, **self.settings)
         if not schedule:
-            raise NolaError(
-                f"data: {len(self.examples)} training examples do not fill one global batch of "
-                f"{self.settings['micro_batch_size'] * self.settings['num_replicas']}"
-            )
+            raise NolaError(f"data: {len(self.examples)} training examples do not fill one global batch of "
+                            f"{self.global_batch} (micro_batch_size x grad_accum_steps x processes)")
         return schedule
 
     def seek(self, epoch: int, index: int) -> None:
         self.epoch, self.index = epoch, index
         self._schedule = self._epoch_schedule(epoch)
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self) -> list[dict[str, torch.Tensor]]:
         if self.index >= len(self._schedule):
             self.seek(self.epoch + 1, 0)
-        indices = self._schedule[self.index]
+        micro_batches = self._schedule[self.index]
         self.index += 1
-        return collate([self.examples[i] for i in indices], self.pad_token_id)
+        return [collate([self.examples[i] for i in indices], self.pad_token_id) for indices in micro_batches]
+
+
+def make_accelerator(config: RecipeConfig):
+    """accelerate's Accelerator for this launch. Without CUDA, plain multi-process launches run as CPU processes over
+    gloo (`cpu=True`); DeepSpeed launches keep their engine (DeepSpeed has a CPU accelerator), with the batch,
+    accumulation and clipping its JSON leaves as "auto" filled from the recipe."""
+    import os
+
+    from accelerate import Accelerator
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision)
+    from accelerate import PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    if not torch.cuda.is_available():
+        # accelerate 1.15 only picks gloo for CPU processes when cpu=True, which turns DeepSpeed off; naming the
+        # backend first keeps DeepSpeed and still gives every process its rank (else each believes it is alone).
+        PartialState(backend="gloo")
+    plugin = DeepSpeedPlugin(gradient_accumulation_steps=config.train.grad_accum_steps,
+                             gradient_clipping=config.train.max_grad_norm)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
+    plugin.deepspeed_config["train_batch_size"] = config.train.micro_batch_size * config.train.grad_accum_steps * world_size
+    return Accelerator(deepspeed_plugin=plugin, mixed_precision=config.train.mixed_precision,
+                       gradient_accumulation_steps=config.train.grad_accum_steps)
 
 
 def make_optimizer(parameters, config: RecipeConfig) -> torch.optim.Optimizer:
@@ -130,17 +156,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rank_batches(count: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's strided share of `count` items in batches, the same number of batches on every rank (padded
+    with empty batches): every forward pass is then matched on all ranks, which ZeRO-3 (parameters gathered per
+    layer) and DDP (buffers broadcast per forward) need to avoid a hang."""
+    mine = list(range(rank, count, world))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    return batches + [[] for _ in range(math.ceil(math.ceil(count / world) / batch_size) - len(batches))]
+
+
 @torch.no_grad()
 def evaluate(model, examples, micro_batch_size, pad_token_id, accelerator, max_batches=None) -> float:
     """Mean token loss over this rank's share of `examples`, reduced over ranks."""
     model.eval()
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    batches = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    batches = rank_batches(len(examples), micro_batch_size, accelerator.process_index, accelerator.num_processes)
     for indices in batches[:max_batches]:
-        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in indices], pad_token_id).items()}
+        chosen = [examples[i] for i in indices] or examples[:1]  # a padding batch still runs, uncounted
+        batch = {k: v.to(accelerator.device) for k, v in collate(chosen, pad_token_id).items()}
         loss, tokens = _token_loss_sum(model, batch)
-        totals += torch.tensor([loss.item(), tokens], dtype=torch.float64, device=accelerator.device)
+        if indices:
+            totals += torch.tensor([loss.item(), tokens], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
     return (totals[0] / totals[1].clamp(min=1)).item()
@@ -176,9 +212,7 @@ def _print_samples(title: str, samples: list[dict[str, str]]) -> None:
 
 def run(config: RecipeConfig) -> dict:
     """Train the recipe; returns the run summary (also written to output_dir/run.json on rank 0)."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision)
+    accelerator = make_accelerator(config)
     is_main = accelerator.is_main_process
     train = config.train
     output_dir = Path(train.output_dir)
@@ -205,22 +239,31 @@ def run(config: RecipeConfig) -> dict:
     optimizer = make_optimizer(parameters, config)
     scheduler = make_scheduler(optimizer, config)
     model, optimizer = accelerator.prepare(model, optimizer)
+    use_deepspeed = accelerator.distributed_type == "DEEPSPEED"
     unwrapped = accelerator.unwrap_model(model)
 
-    stream = MicroBatches(data.train, train.micro_batch_size, train.seed, config.data.group_by_length,
-                          accelerator.num_processes, accelerator.process_index, pad_token_id)
+    stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
+                         config.data.group_by_length, accelerator.num_processes, accelerator.process_index, pad_token_id)
     start_step, tokens_seen = 0, 0
     if resume_dir is not None:
-        state = load_checkpoint(resume_dir, unwrapped, optimizer, scheduler)
+        state = load_checkpoint(resume_dir, unwrapped, optimizer, scheduler, use_deepspeed)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
-        stream.seek(state["epoch"], state["batch_index"])
+        if state["global_batch"] != stream.global_batch:
+            raise NolaError(
+                f"train.resume_from: {resume_dir} was trained with global batches of {state['global_batch']} "
+                f"sequences, this run has {stream.global_batch}: keep micro_batch_size x grad_accum_steps x "
+                f"processes = {state['global_batch']} to resume (the data order depends on it)"
+            )
+        stream.seek(state["epoch"], state["step_in_epoch"])
 
     log = RunLog(output_dir, config.log, config.to_dict(), enabled=is_main)
     log.summary(report)
     if is_main:
         print(json.dumps({"parameters": report, "train_examples": len(data.train),
                           "validation_examples": len(data.validation), "dropped_records": data.dropped,
-                          "resumed_from": str(resume_dir) if resume_dir else None}))
+                          "resumed_from": str(resume_dir) if resume_dir else None,
+                          "distributed_type": str(accelerator.distributed_type), "processes": accelerator.num_processes,
+                          "device": str(accelerator.device)}))
 
     def evaluate_now() -> float:
         if not data.validation:
@@ -235,7 +278,7 @@ def run(config: RecipeConfig) -> dict:
     if start_step == 0:
         log.log(0, {"eval_loss": first_eval, **(mmlu_now() if mmlu_examples and config.mmlu.at_start else {})})
     samples_before = []
-    if is_main and train.sample_generations and data.validation:
+    if train.sample_generations and data.validation:  # on every rank: under ZeRO-3 a forward is a collective
         samples_before = sample_generations(unwrapped, tokenizer, data.validation, train.sample_generations,
                                             train.max_new_tokens)
 
@@ -247,9 +290,7 @@ def run(config: RecipeConfig) -> dict:
     eval_loss = first_eval
     step = start_step
     while step < train.max_steps:
-        micro_batches = [
-            {k: v.to(accelerator.device) for k, v in stream.next().items()} for _ in range(train.grad_accum_steps)
-        ]
+        micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in stream.next()]
         local_counts = torch.tensor(
             [sum(_label_tokens(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)],
             device=accelerator.device,
@@ -292,10 +333,12 @@ def run(config: RecipeConfig) -> dict:
             eval_loss = evaluate_now()
             log.log(step, {"eval_loss": eval_loss})
         if step % train.save_steps == 0 or step == train.max_steps:
-            trainer_state = {"step": step, "epoch": stream.epoch, "batch_index": stream.index,
+            trainer_state = {"step": step, "epoch": stream.epoch, "step_in_epoch": stream.index,
+                             "global_batch": stream.global_batch,
                              "tokens_seen": tokens_seen, "eval_loss": eval_loss}
+            training_state = gather_training_state(unwrapped, optimizer, use_deepspeed)  # every rank: a collective
             if is_main:
-                save_checkpoint(checkpoints_dir / f"step-{step}", unwrapped, optimizer, scheduler, trainer_state)
+                save_checkpoint(checkpoints_dir / f"step-{step}", unwrapped, training_state, scheduler, trainer_state)
                 rotate_checkpoints(checkpoints_dir, train.save_total_limit)
             accelerator.wait_for_everyone()
     progress.close()
@@ -305,12 +348,16 @@ def run(config: RecipeConfig) -> dict:
     if mmlu_examples:
         summary.update(mmlu_now())
         log.log(step, {key: summary[key] for key in ("mmlu_accuracy", "mmlu_examples")})
+    final_values = gather_training_state(unwrapped, optimizer, use_deepspeed).values  # every rank: a collective
+    samples_after = []
+    if train.sample_generations and data.validation:
+        samples_after = sample_generations(unwrapped, tokenizer, data.validation, train.sample_generations,
+                                           train.max_new_tokens)
     if is_main:
-        save_adapter(unwrapped, output_dir / "adapter")
-        if train.sample_generations and data.validation:
+        save_adapter(unwrapped, output_dir / "adapter", values=final_values)
+        if samples_after:
             _print_samples("before training", samples_before)
-            _print_samples("after training", sample_generations(
-                unwrapped, tokenizer, data.validation, train.sample_generations, train.max_new_tokens))
+            _print_samples("after training", samples_after)
         (output_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.summary(summary)
     log.close()

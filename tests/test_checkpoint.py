@@ -9,6 +9,7 @@ import torch
 
 import nola
 from nola.checkpoint import (
+    gather_training_state,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -41,7 +42,7 @@ def test_restore_continues_exactly(tmp_path, quant_bits):
     model, optimizer, scheduler = training_setup(quant_bits)
     for _ in range(2):
         step(model, optimizer, scheduler)
-    save_checkpoint(tmp_path / "step-2", model, optimizer, scheduler, {"step": 2})
+    save_checkpoint(tmp_path / "step-2", model, gather_training_state(model, optimizer), scheduler, {"step": 2})
     for _ in range(2):
         step(model, optimizer, scheduler)
     expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -60,7 +61,8 @@ def test_corrupted_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     model, optimizer, scheduler = training_setup()
     for number in (1, 2, 3):
         step(model, optimizer, scheduler)
-        save_checkpoint(tmp_path / f"step-{number}", model, optimizer, scheduler, {"step": number})
+        save_checkpoint(tmp_path / f"step-{number}", model, gather_training_state(model, optimizer), scheduler,
+                        {"step": number})
     (tmp_path / ".step-4.tmp-123").mkdir()  # what a crash mid-write leaves: ignored
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1", "step-2", "step-3"]
     data = bytearray((tmp_path / "step-3" / "optimizer.safetensors").read_bytes())
@@ -79,7 +81,7 @@ def test_corrupted_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
 def test_checkpoint_holds_no_pickles_and_no_bases(tmp_path):
     model, optimizer, scheduler = training_setup()
     step(model, optimizer, scheduler)
-    save_checkpoint(tmp_path / "step-1", model, optimizer, scheduler, {"step": 1})
+    save_checkpoint(tmp_path / "step-1", model, gather_training_state(model, optimizer), scheduler, {"step": 1})
     suffixes = {p.suffix for p in (tmp_path / "step-1").rglob("*") if p.is_file()}
     assert suffixes == {".json", ".safetensors"}
     total = sum(p.stat().st_size for p in (tmp_path / "step-1").rglob("*") if p.is_file())

@@ -142,24 +142,38 @@ def test_validation_that_leaves_nothing_to_train_on_is_refused(llama_tokenizer):
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
-def test_ranks_get_disjoint_equal_shares_of_each_epoch(group_by_length):
+def test_ranks_get_disjoint_equal_shares_of_each_step(group_by_length):
     lengths = [random.Random(i).randint(10, 300) for i in range(103)]
-    per_rank = [batch_schedule(lengths, 4, seed=3, epoch=0, group_by_length=group_by_length, num_replicas=3, rank=r)
-                for r in range(3)]
-    assert len({len(s) for s in per_rank}) == 1 and len(per_rank[0]) == 103 // 12
-    seen = [i for schedule in per_rank for batch in schedule for i in batch]
-    assert all(len(batch) == 4 for schedule in per_rank for batch in schedule)
+    per_rank = [batch_schedule(lengths, 2, 2, seed=3, epoch=0, group_by_length=group_by_length, num_replicas=3,
+                               rank=r) for r in range(3)]
+    assert [len(s) for s in per_rank] == [103 // 12] * 3
+    assert all(len(step) == 2 and all(len(mb) == 2 for mb in step) for schedule in per_rank for step in schedule)
+    seen = [i for schedule in per_rank for step in schedule for mb in step for i in mb]
     assert len(seen) == len(set(seen)) == 103 // 12 * 12
-    assert batch_schedule(lengths, 4, 3, 0, group_by_length, 3, 1) == per_rank[1]
-    assert batch_schedule(lengths, 4, 3, 1, group_by_length, 3, 1) != per_rank[1]
+    assert batch_schedule(lengths, 2, 2, 3, 0, group_by_length, 3, 1) == per_rank[1]
+    assert batch_schedule(lengths, 2, 2, 3, 1, group_by_length, 3, 1) != per_rank[1]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_a_step_holds_the_same_examples_however_the_global_batch_is_split(group_by_length):
+    lengths = [random.Random(i).randint(10, 300) for i in range(500)]
+
+    def steps(micro_batch_size, grad_accum_steps, num_replicas):
+        ranks = [batch_schedule(lengths, micro_batch_size, grad_accum_steps, 0, 0, group_by_length, num_replicas, r)
+                 for r in range(num_replicas)]
+        return [sorted(i for schedule in ranks for mb in schedule[s] for i in mb) for s in range(len(ranks[0]))]
+
+    reference = steps(8, 1, 1)
+    assert steps(4, 2, 1) == reference and steps(4, 1, 2) == reference and steps(1, 2, 4) == reference
+    assert steps(4, 1, 1) != reference[: len(steps(4, 1, 1))]
 
 
 def test_grouping_by_length_cuts_padding():
     lengths = [random.Random(i).randint(10, 500) for i in range(2000)]
 
     def padded(group_by_length: bool) -> int:
-        schedule = batch_schedule(lengths, 8, seed=0, epoch=0, group_by_length=group_by_length)
-        return sum(max(lengths[i] for i in batch) * len(batch) for batch in schedule)
+        schedule = batch_schedule(lengths, 8, 1, seed=0, epoch=0, group_by_length=group_by_length)
+        return sum(max(lengths[i] for i in mb) * len(mb) for step in schedule for mb in step)
 
     assert padded(True) < 0.7 * padded(False)
 
