@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,26 @@ def shared_data(relative: str) -> Path:
 def cache_dir(tmp_path_factory):
     """One embedded-default cache for the whole test session (built on first use, like a user's first run)."""
     return tmp_path_factory.mktemp("nola-cache")
+
+
+def run_train(cache_dir, *arguments, launcher=(), check=True, timeout=900) -> subprocess.CompletedProcess:
+    """`train_llama.py ARGUMENTS` in a subprocess (under `launcher`, e.g. accelerate launch options), offline."""
+    environment = {**os.environ, "NOLA_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+                   "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    command = [*launcher, "train_llama.py", *map(str, arguments)] if launcher else [
+        sys.executable, "train_llama.py", *map(str, arguments)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
+                               timeout=timeout)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"train_llama.py failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+    return completed
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -11,21 +11,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, shared_data
-
-
-def train(cache_dir, *arguments, check=True):
-    environment = {**os.environ, "NOLA_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-                   "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run([sys.executable, "train_llama.py", *map(str, arguments)], cwd=REPO_ROOT,
-                               env=environment, capture_output=True, text=True, timeout=900)
-    if check and completed.returncode != 0:
-        raise AssertionError(f"train_llama.py failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
-    return completed
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import REPO_ROOT, metrics, shared_data
+from tests.conftest import run_train as train
 
 
 def test_tiny_recipe_learns_end_to_end(cache_dir, tmp_path):
