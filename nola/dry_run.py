@@ -27,4 +27,8 @@ def dry_run(config: RecipeConfig) -> dict:
         "sequence_length": sequence_length,
         "memory_per_gpu": memory,
         "estimated_gpu_memory_gib": memory["total_gib"],
+        # ZeRO-3 shards the (frozen) weights over the processes; activations and the rest stay per process.
+        "zero3_gpu_memory_gib": {
+            str(n): round(memory["total_gib"] - memory["weights_gib"] * (1 - 1 / n), 3) for n in (2, 4, 8)
+        },
     }

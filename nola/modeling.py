@@ -113,6 +113,12 @@ def load_tokenizer(section: ModelSection, tokenizer_source: str | None):
     return tokenizer
 
 
+def _zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def load_model(section: ModelSection, device: torch.device) -> nn.Module:
     """Load the base causal LM on `device` (4-bit when asked), prepared for adapter training."""
     from transformers import AutoModelForCausalLM
@@ -121,7 +127,9 @@ def load_model(section: ModelSection, device: torch.device) -> nn.Module:
     quantization = quantization_config(section)
     kwargs = dict(trust_remote_code=section.trust_remote_code)
     if quantization is not None:
-        kwargs.update(quantization_config=quantization, dtype=_DTYPES[section.compute_dtype], device_map={"": device})
+        kwargs.update(quantization_config=quantization, dtype=_DTYPES[section.compute_dtype])
+        if not _zero3_enabled():  # ZeRO-3 places (and shards) the weights itself and refuses a device map
+            kwargs.update(device_map={"": device})
     else:
         kwargs.update(dtype=_DTYPES[section.torch_dtype])
     try:

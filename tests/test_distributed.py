@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, free_port, metrics, run_train
+from tests.conftest import REPO_ROOT, free_port, metrics, run_train, shared_data
 
 COMMON = ["recipes/tiny.yaml", "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1",
           "train.save_total_limit=null", "train.sample_generations=1", "train.max_new_tokens=4",
@@ -118,3 +118,21 @@ def test_two_machines_on_one_host(cache_dir, single, tmp_path):
     assert_same_adapter(adapter(output), adapter(single))
     assert torch.equal(torch.tensor([m["step"] for m in metrics(output)]),
                        torch.tensor([m["step"] for m in metrics(single)]))
+
+
+def test_zero3_trains_a_4bit_base_like_one_process(cache_dir, tmp_path):
+    """nf4 weights stored as bfloat16 (model.quant_storage, as recipes/70b.yaml does) so ZeRO-3 can shard them."""
+    real = ["recipes/tiny.yaml", f"model.name_or_path={shared_data('stories260K-hf')}",
+            f"data.path={shared_data('alpaca/alpaca_subset.json')}", "model.load_in_4bit=true",
+            "model.compute_dtype=float32", "model.quant_storage=bfloat16", "train.max_steps=3", "train.eval_steps=3",
+            "train.save_steps=3", "train.logging_steps=1", "data.validation_size=16", "train.sample_generations=0",
+            "log.wandb_mode=disabled"]
+    run_train(cache_dir, *real, "train.micro_batch_size=4", f"train.output_dir={tmp_path / 'one'}")
+    run_train(cache_dir, *real, "train.micro_batch_size=2", f"train.output_dir={tmp_path / 'zero3'}",
+              launcher=accelerate(*TWO_PROCESSES["zero3"]))
+    for mine, theirs in zip(metrics(tmp_path / "zero3"), metrics(tmp_path / "one"), strict=True):
+        assert mine["step"] == theirs["step"]
+        for key in ("loss", "eval_loss"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (key, mine["step"])
+    assert_same_adapter(adapter(tmp_path / "zero3"), adapter(tmp_path / "one"))
