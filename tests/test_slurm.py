@@ -1,0 +1,88 @@
+"""The SLURM scripts on a real SLURM: scripts/slurm/local_cluster.sh brings up munged + slurmctld + slurmd on this
+host (installing Debian's slurm-wlm when root), then jobs are submitted with sbatch exactly as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+CLUSTER = REPO_ROOT / "scripts" / "slurm" / "local_cluster.sh"
+STATE = "/tmp/nola-slurm-tests"
+TRAIN = ["recipes/tiny.yaml", "train.micro_batch_size=4", "train.eval_steps=50", "train.sample_generations=0"]
+
+
+@pytest.fixture(scope="module")
+def slurm(cache_dir):
+    if os.geteuid() != 0 and not shutil.which("slurmctld"):
+        pytest.skip("SLURM is not installed and installing it needs root")
+    environment = {**os.environ, "NOLA_SLURM_DIR": STATE, "NOLA_SLURMCTLD_PORT": "6917", "NOLA_SLURMD_PORT": "6918"}
+    subprocess.run(["bash", str(CLUSTER), "start"], env=environment, check=True, timeout=300)
+    yield {**environment, "SLURM_CONF": f"{STATE}/slurm.conf", "NOLA_CACHE_DIR": str(cache_dir),
+           "NOLA_PROCESSES_PER_NODE": "2", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(["bash", str(CLUSTER), "stop"], env=environment, check=True, timeout=120)
+
+
+def submit(environment, script, log, *arguments) -> str:
+    completed = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=2", "--nodes=1", f"scripts/slurm/{script}",
+         *map(str, arguments)],
+        cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout.strip().split(";")[0]
+
+
+def job_state(environment, job: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job], env=environment, capture_output=True, text=True).stdout
+    return re.search(r"JobState=(\w+)", shown).group(1)
+
+
+def wait_until(environment, job: str, log, done, timeout: float = 600) -> None:
+    """Poll (sbatch --wait polls at up to 32 s intervals) until `done()`; fail fast if the job fails."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        state = job_state(environment, job)
+        assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (state, log.read_text())
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("script", ["train_1node.sbatch", "train_multinode.sbatch"])
+def test_a_job_trains_and_writes_its_adapter(slurm, tmp_path, script):
+    output, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm, script, log, *TRAIN, "train.max_steps=4", "train.save_steps=2", f"train.output_dir={output}")
+    wait_until(slurm, job, log, lambda: job_state(slurm, job) == "COMPLETED")
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((output / "run.json").read_text())["steps"] == 4
+    text = log.read_text()
+    assert f"nola: job {job} (restart 0) on 1 node(s) x 2 process(es)" in text
+    assert '"processes": 2' in text
+    assert [p.name.endswith(f"-nola-{job}") for p in (output / "wandb").glob("offline-run-*")] == [True]
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm, tmp_path):
+    output, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm, "train_1node.sbatch", log, *TRAIN, "train.max_steps=150", "train.save_steps=5",
+                 f"train.output_dir={output}")
+    wait_until(slurm, job, log, lambda: (output / "checkpoints" / "step-10").is_dir())
+    subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)  # preempted mid-run, as a scheduler would
+    # SLURM holds a requeued job back for a while before it is eligible again; let it start as soon as it is pending.
+    wait_until(slurm, job, log, lambda: job_state(slurm, job) == "PENDING")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    wait_until(slurm, job, log, lambda: job_state(slurm, job) == "COMPLETED")
+    text = log.read_text()
+    assert f"nola: job {job} (restart 1)" in text
+    resumed = re.findall(r'"resumed_from": "[^"]*/checkpoints/step-(\d+)"', text)
+    assert len(resumed) == 1 and int(resumed[0]) >= 10
+    runs = sorted(p.name for p in (output / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-nola-{job}") for name in runs)
+    assert json.loads((output / "run.json").read_text())["steps"] == 150
