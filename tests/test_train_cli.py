@@ -89,6 +89,8 @@ def test_dry_run_of_the_70b_recipe_prints_the_paper_count():
     assert report["trainable_params"] == 573_440 and report["adapted_modules"] == 560
     assert report["adapter_bytes"] == 4 * 573_440
     assert 30 < report["estimated_gpu_memory_gib"] < 80
+    sharded = [report["zero3_gpu_memory_gib"][n] for n in ("2", "4", "8")]
+    assert sharded == sorted(sharded, reverse=True) and sharded[0] < report["estimated_gpu_memory_gib"]
 
 
 @pytest.mark.parametrize(
