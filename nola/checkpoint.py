@@ -235,11 +235,16 @@ def rotate_checkpoints(checkpoints_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_trainer_state(directory: Path) -> dict:
+    """The JSON state of a verified checkpoint (step, data position, global batch, ...)."""
+    verify_checkpoint(directory)
+    return json.loads((directory / STATE_FILE).read_text())
+
+
 def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, deepspeed: bool = False) -> dict:
     """Restore adapter values, optimizer, scheduler and RNG states in place; returns the trainer state. Under
     DeepSpeed every rank must call it (restoring partitions is a collective)."""
-    verify_checkpoint(directory)
-    state = json.loads((directory / STATE_FILE).read_text())
+    state = read_trainer_state(directory)
     values = load_file(directory / TRAINABLE_TENSORS)
     shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in _trainable(model)}
     if set(values) != set(shapes) or any(tuple(values[name].shape) != shape for name, shape in shapes.items()):

@@ -121,7 +121,8 @@ def _load_hub_dataset(name: str) -> list[Record]:
 def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Ids with BOS as the tokenizer adds it, but never a trailing EOS (we place EOS ourselves)."""
     eos = tokenizer.eos_token_id
-    return [ids[:-1] if ids and ids[-1] == eos else ids for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+    encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    return [ids[:-1] if ids and ids[-1] == eos else ids for ids in encoded]
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:

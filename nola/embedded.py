@@ -70,7 +70,8 @@ def _prose_sentence(rng: random.Random) -> str:
     if rng.random() < 0.3:
         record = _instruction(rng)
         question = f"{record['instruction']} {record['input']}".strip()
-        return rng.choice([f"Q: {question} A: {record['output']}", f"Asked \"{question}\", one answers: {record['output']}"])
+        return rng.choice([f"Q: {question} A: {record['output']}",
+                           f"Asked \"{question}\", one answers: {record['output']}"])
     kind = rng.randrange(5)
     if kind == 0:
         country, city = rng.choice(list(CAPITALS.items()))

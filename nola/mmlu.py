@@ -35,7 +35,8 @@ def few_shot_examples(dev_rows: list[dict], eval_rows: list[dict], shots: int) -
         by_subject.setdefault(row["subject"], []).append(row)
     examples = []
     for row in eval_rows:
-        header = f"The following are multiple choice questions (with answers) about {_subject_title(row['subject'])}.\n\n"
+        subject = _subject_title(row["subject"])
+        header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
         demos = "".join(
             format_question(d["question"], d["choices"], LETTERS[d["answer"]])
             for d in by_subject.get(row["subject"], [])[:shots]

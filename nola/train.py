@@ -27,6 +27,7 @@ from nola.checkpoint import (
     gather_training_state,
     latest_valid_checkpoint,
     load_checkpoint,
+    read_trainer_state,
     rotate_checkpoints,
     save_checkpoint,
     verify_checkpoint,
@@ -110,7 +111,9 @@ def make_accelerator(config: RecipeConfig):
                              gradient_clipping=config.train.max_grad_norm)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
-    plugin.deepspeed_config["train_batch_size"] = config.train.micro_batch_size * config.train.grad_accum_steps * world_size
+    plugin.deepspeed_config["train_batch_size"] = (
+        config.train.micro_batch_size * config.train.grad_accum_steps * world_size
+    )
     return Accelerator(deepspeed_plugin=plugin, mixed_precision=config.train.mixed_precision,
                        gradient_accumulation_steps=config.train.grad_accum_steps)
 
@@ -207,7 +210,8 @@ def sample_generations(model, tokenizer, examples, count: int, max_new_tokens: i
 def _print_samples(title: str, samples: list[dict[str, str]]) -> None:
     print(f"--- generations {title} ---")
     for sample in samples:
-        print(f"... {sample['prompt']!r}\n    reference: {sample['reference']!r}\n    generated: {sample['generated']!r}")
+        print(f"... {sample['prompt']!r}\n    reference: {sample['reference']!r}\n"
+              f"    generated: {sample['generated']!r}")
 
 
 def run(config: RecipeConfig) -> dict:
@@ -243,17 +247,19 @@ def run(config: RecipeConfig) -> dict:
     unwrapped = accelerator.unwrap_model(model)
 
     stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
-                         config.data.group_by_length, accelerator.num_processes, accelerator.process_index, pad_token_id)
+                         config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
+                         pad_token_id)
     start_step, tokens_seen = 0, 0
     if resume_dir is not None:
+        saved_batch = read_trainer_state(resume_dir).get("global_batch")
+        if saved_batch != stream.global_batch:
+            raise NolaError(
+                f"train.resume_from: {resume_dir} was trained with global batches of {saved_batch} "
+                f"sequences, this run has {stream.global_batch}: keep micro_batch_size x grad_accum_steps x "
+                f"processes = {saved_batch} to resume (the data order depends on it)"
+            )
         state = load_checkpoint(resume_dir, unwrapped, optimizer, scheduler, use_deepspeed)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
-        if state["global_batch"] != stream.global_batch:
-            raise NolaError(
-                f"train.resume_from: {resume_dir} was trained with global batches of {state['global_batch']} "
-                f"sequences, this run has {stream.global_batch}: keep micro_batch_size x grad_accum_steps x "
-                f"processes = {state['global_batch']} to resume (the data order depends on it)"
-            )
         stream.seek(state["epoch"], state["step_in_epoch"])
 
     log = RunLog(output_dir, config.log, config.to_dict(), enabled=is_main)
@@ -268,7 +274,8 @@ def run(config: RecipeConfig) -> dict:
     def evaluate_now() -> float:
         if not data.validation:
             return float("nan")
-        return evaluate(model, data.validation, train.micro_batch_size, pad_token_id, accelerator, train.eval_max_batches)
+        return evaluate(model, data.validation, train.micro_batch_size, pad_token_id, accelerator,
+                        train.eval_max_batches)
 
     def mmlu_now() -> dict[str, float]:
         return mmlu_accuracy(model, tokenizer, mmlu_examples, config.mmlu.batch_size, config.mmlu.max_length,
