@@ -118,6 +118,15 @@ def make_accelerator(config: RecipeConfig):
                        gradient_accumulation_steps=config.train.grad_accum_steps)
 
 
+def accumulation_context(accelerator, model, use_deepspeed: bool, last_micro_batch: bool):
+    """Gradients are reduced across ranks on a step's last micro-batch only. DeepSpeed decides its optimizer step
+    from accelerate's sync flag, which `accumulate` sets on every grad_accum_steps-th call (left alone, the flag stays
+    on and DeepSpeed would step after every micro-batch); DDP skips the all-reduce under `no_sync`."""
+    if use_deepspeed:
+        return accelerator.accumulate(model)
+    return nullcontext() if last_micro_batch else accelerator.no_sync(model)
+
+
 def make_optimizer(parameters, config: RecipeConfig) -> torch.optim.Optimizer:
     """AdamW over the adapter's fp32 parameters, or bitsandbytes' paged AdamW (CUDA only)."""
     if config.train.optimizer == "paged_adamw":
@@ -296,6 +305,9 @@ def run(config: RecipeConfig) -> dict:
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
     eval_loss = first_eval
     step = start_step
+    # DDP and DeepSpeed average gradients over ranks, and DeepSpeed also divides each micro-batch's loss by its
+    # accumulation count: undo both, so the step's gradient is that of the mean loss over its global tokens.
+    gradient_scale = accelerator.num_processes * (train.grad_accum_steps if use_deepspeed else 1)
     while step < train.max_steps:
         micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in stream.next()]
         local_counts = torch.tensor(
@@ -306,10 +318,9 @@ def run(config: RecipeConfig) -> dict:
         global_tokens = max(int(global_counts[0]), 1)
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for index, batch in enumerate(micro_batches):
-            sync = nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
-            with sync:
+            with accumulation_context(accelerator, model, use_deepspeed, index == len(micro_batches) - 1):
                 loss_sum, _ = _token_loss_sum(model, batch)
-                accelerator.backward(loss_sum * (accelerator.num_processes / global_tokens))
+                accelerator.backward(loss_sum * (gradient_scale / global_tokens))
             step_loss += loss_sum.detach().double()
         grad_norm = accelerator.clip_grad_norm_(parameters, train.max_grad_norm)
         optimizer.step()

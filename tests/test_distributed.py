@@ -1,8 +1,9 @@
 """Scale-out on real engines, CPU processes over gloo: accelerate DDP, DeepSpeed ZeRO-2 and ZeRO-3 (through the
 shipped accelerate configs), two "machines" on one host, and checkpoints that resume on another process count.
 
-Every run trains the same 4 steps of global batches of 8 sequences: one process x 8, or two x 4. Gradients are
-normalised by the global token count, so all must agree with the one-process run up to float reassociation."""
+Every run trains the same 4 steps of global batches of 8 sequences: one process x 8 micro-batch, or two processes x
+2 micro-batches of 2 accumulated (or two x 4). Gradients are normalised by the global token count, so all must agree
+with the one-process run up to float reassociation."""
 
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def single(cache_dir, tmp_path_factory):
 @pytest.mark.parametrize("engine", list(TWO_PROCESSES))
 def test_two_processes_train_like_one(cache_dir, single, tmp_path, engine):
     output = tmp_path / engine
-    completed = run_train(cache_dir, *COMMON, "train.micro_batch_size=4", f"train.output_dir={output}",
-                          launcher=accelerate(*TWO_PROCESSES[engine]))
+    completed = run_train(cache_dir, *COMMON, "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                          f"train.output_dir={output}", launcher=accelerate(*TWO_PROCESSES[engine]))
     expected_type = "DEEPSPEED" if engine.startswith("zero") else "MULTI_CPU"
     assert f'"distributed_type": "DistributedType.{expected_type}", "processes": 2' in completed.stdout
     assert_same_adapter(adapter(output), adapter(single))
