@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from nola.errors import NolaError
+from nola.cli import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="build on the meta device, print parameter counts and a memory estimate as JSON")
     args = parser.parse_args(argv)
-    try:
+
+    def train() -> None:
         from nola.config import load_recipe
 
         config = load_recipe(args.recipe, args.overrides)
@@ -31,14 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             from nola.dry_run import dry_run
 
             print(json.dumps(dry_run(config)))
-            return 0
+            return
         from nola.train import run
 
         run(config)
-        return 0
-    except NolaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+    return run_command(train)
 
 
 if __name__ == "__main__":

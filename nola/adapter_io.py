@@ -1,9 +1,11 @@
 """Adapter files: a directory with `adapter_config.json` and `adapter_model.safetensors`.
 
 The JSON says everything needed to rebuild the adapter but its trained values: the adapter settings with every
-module's seed, the basis generator's version, the base model's fingerprint (adapted module names and shapes) and the
-SHA-256 of the tensor file. The safetensors file holds the trained tensors only: coefficients for NOLA (packed codes
-for 3/4-bit), A and B for LoRA; never seeds, bases or A0, which are regenerated.
+module's seed, the basis generator's version, the base model's fingerprint (adapted module names and shapes, an
+input-embedding sample, and for a 4-bit base its quantisation settings) and the SHA-256 of the tensor file. The
+safetensors file holds the trained tensors only: coefficients for NOLA, A and B for LoRA; never seeds, bases or A0,
+which are regenerated. 3/4-bit NOLA coefficients are stored as two tensors for the whole adapter: `quantized.codes`
+(every vector's packed codes, in module order, A before B) and `quantized.grids` (one [low, step] row per vector).
 
 Loading checks each of those facts and fails with one line naming the first mismatch, before touching the model.
 Saving writes a temporary directory and renames it into place, so a reader sees the old adapter or the new one,
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,13 +29,22 @@ from torch import nn
 from nola.adapter_config import AdapterConfig
 from nola.basis import GENERATOR_VERSION
 from nola.errors import NolaError
-from nola.inject import adapted_modules, adapter_config_of, attach, base_fingerprint, find_target_modules
-from nola.quant import code_bytes, pack_codes, unpack_codes
+from nola.inject import (
+    adapted_modules,
+    adapter_config_of,
+    attach,
+    base_description_of,
+    base_fingerprint,
+    embedding_sample,
+    find_target_modules,
+)
+from nola.quant import code_bytes, pack_vectors, unpack_codes, unpack_vectors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "nola-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantised coefficients in two tensors for the whole adapter; 1: two per vector (still read)
+READABLE_VERSIONS = (1, 2)
 
 
 def file_sha256(path: Path) -> str:
@@ -61,7 +73,7 @@ def write_directory_atomically(path: Path, write_into) -> None:
     temporary.mkdir()
     try:
         write_into(temporary)
-        for child in temporary.iterdir():
+        for child in sorted(temporary.rglob("*"), reverse=True):  # files before the directories holding them
             _fsync_path(child)
         _fsync_path(temporary)
         previous = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -74,29 +86,61 @@ def write_directory_atomically(path: Path, write_into) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+QUANTIZED_CODES, QUANTIZED_GRIDS = "quantized.codes", "quantized.grids"
+MERGED_MARKER = "nola_merged_adapter_sha256"  # in a merged model's config.json: which adapter it holds
+EMBEDDING_TOLERANCE = 1 / 64  # relative: a bf16 copy of the same weights agrees to 2^-8, another model does not
+
+
+@dataclass
+class AdapterFile:
+    """A verified adapter directory, read without a model: enough to attach, merge or export it."""
+
+    directory: Path
+    description: dict  # the parsed adapter_config.json
+    config: AdapterConfig
+    values: dict[str, torch.Tensor]  # "<module>.<tensor>" -> trained values (quantised ones unpacked, float32)
+
+    @property
+    def modules(self) -> dict[str, list[int]]:
+        """{adapted module name: [out_features, in_features]} in model order."""
+        return self.description["base_model"]["modules"]
+
+    @property
+    def base(self) -> dict:
+        return self.description["base_model"]
+
+
+def _vector_layout(config: AdapterConfig, modules: dict[str, list[int]]) -> list[tuple[str, int]]:
+    """(key, length) of every coefficient vector of a quantised NOLA adapter, in stored order."""
+    return [(f"{name}.{short}", count) for name in modules
+            for short, count in (("coefficients_a", config.basis_size_a), ("coefficients_b", config.basis_size_b))]
+
+
+def pack_state(config: AdapterConfig, modules: dict[str, list[int]], values: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file for full-precision `values` keyed `<module>.<tensor>`."""
+    if config.quant_bits and config.method == "nola":
+        layout = _vector_layout(config, modules)
+        packed = pack_vectors([values[key] for key, _ in layout], config.quant_bits)
+        return {QUANTIZED_CODES: packed["codes"], QUANTIZED_GRIDS: packed["grids"]}
+    return {key: value.detach().cpu().contiguous() for key, value in values.items()}
+
+
 def adapter_state(model: nn.Module, values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file stores, keyed `<module>.<tensor>` (packed codes and grid for quantised NOLA).
+    """The tensors an adapter file stores for `model`'s adapter.
 
     `values` (parameter name -> full tensor) stands in for the model's own tensors when those are partitioned
     across processes (DeepSpeed ZeRO-3) and were gathered by the caller."""
-    config = adapter_config_of(model)
-    state = {}
-    for name, module in adapted_modules(model):
-        for short_name, tensor in module.trainable_tensors().items():
-            key = f"{name}.{short_name}"
-            tensor = values[key] if values is not None else tensor
-            if config.quant_bits and module.method == "nola":
-                state[f"{key}.codes"], state[f"{key}.grid"] = pack_codes(tensor, config.quant_bits)
-            else:
-                state[key] = tensor.detach().cpu().contiguous()
-    return state
+    tensors = {f"{name}.{short}": tensor for name, module in adapted_modules(model)
+               for short, tensor in module.trainable_tensors().items()}
+    if values is not None:
+        tensors = {key: values[key] for key in tensors}
+    return pack_state(adapter_config_of(model), base_fingerprint(model), tensors)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, values: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the model's adapter to directory `path` atomically; returns the path. See `adapter_state` for values."""
-    config = adapter_config_of(model)
-    state = adapter_state(model, values)
-    fingerprint = base_fingerprint(model)
+def write_adapter(path: str | os.PathLike, config: AdapterConfig, state: dict[str, torch.Tensor],
+                  base: dict) -> Path:
+    """Write an adapter directory atomically from its config, packed tensors and base description."""
 
     def write_into(directory: Path) -> None:
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -105,13 +149,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, values: dict[str, to
             "format_version": FORMAT_VERSION,
             "generator_version": GENERATOR_VERSION,
             "adapter": config.to_dict(),
-            "base_model": {"modules": fingerprint},
+            "base_model": base,
             "weights_sha256": file_sha256(directory / WEIGHTS_FILE),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
     write_directory_atomically(Path(path), write_into)
     return Path(path)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, values: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapter to directory `path` atomically; returns the path. See `adapter_state` for values."""
+    base = {"modules": base_fingerprint(model), **base_description_of(model)}
+    return write_adapter(path, adapter_config_of(model), adapter_state(model, values), base)
 
 
 def read_adapter_description(path: str | os.PathLike) -> dict:
@@ -127,8 +177,9 @@ def read_adapter_description(path: str | os.PathLike) -> dict:
         raise NolaError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise NolaError(f"{config_path}: not a nola adapter config (format is not {FORMAT!r})")
-    if description.get("format_version") != FORMAT_VERSION:
-        raise NolaError(f"{config_path}: format_version {description.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if description.get("format_version") not in READABLE_VERSIONS:
+        raise NolaError(f"{config_path}: format_version {description.get('format_version')!r} is not one this nola "
+                        f"reads ({', '.join(map(str, READABLE_VERSIONS))})")
     if description.get("generator_version") != GENERATOR_VERSION:
         raise NolaError(
             f"{config_path}: basis generator {description.get('generator_version')!r} differs from this nola's "
@@ -136,28 +187,16 @@ def read_adapter_description(path: str | os.PathLike) -> dict:
         )
     if description.get("weights_sha256") != file_sha256(weights_path):
         raise NolaError(f"{weights_path}: corrupted or truncated (SHA-256 differs from {CONFIG_FILE})")
-    if not isinstance(description.get("adapter"), dict) or not isinstance(description.get("base_model"), dict):
+    base = description.get("base_model")
+    if not isinstance(description.get("adapter"), dict) or not isinstance(base, dict):
         raise NolaError(f"{config_path}: missing 'adapter' or 'base_model' section")
+    modules = base.get("modules")
+    if not isinstance(modules, dict) or not all(
+        isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
+        for shape in modules.values()
+    ):
+        raise NolaError(f"{config_path}: base_model.modules must map module names to [out_features, in_features]")
     return description
-
-
-def _check_fingerprint(model: nn.Module, config: AdapterConfig, expected: dict, config_path: Path) -> None:
-    """Fail naming the first module whose presence or shape differs between the adapter and `model`."""
-    found = {}
-    for name in find_target_modules(model, config.target_modules):
-        module = model.get_submodule(name)
-        found[name] = [module.out_features, module.in_features]
-    for name, shape in expected.items():
-        if name not in found:
-            raise NolaError(f"{config_path}: adapter is for another base model (module {name} not found in it)")
-        if list(shape) != found[name]:
-            raise NolaError(
-                f"{config_path}: adapter is for another base model ({name} is {found[name][0]}x{found[name][1]}, "
-                f"adapter expects {shape[0]}x{shape[1]})"
-            )
-    extra = sorted(set(found) - set(expected))
-    if extra:
-        raise NolaError(f"{config_path}: adapter is for another base model (module {extra[0]} is not in the adapter)")
 
 
 def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
@@ -168,21 +207,95 @@ def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
         raise NolaError(f"{weights_path}: unreadable safetensors file ({error})") from None
 
 
-def _expected_shapes(config: AdapterConfig, fingerprint: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(config: AdapterConfig, modules: dict[str, list[int]], version: int = FORMAT_VERSION
+                     ) -> dict[str, tuple[int, ...]]:
     """The tensor keys and shapes a file for this config and base must hold, known before anything is attached."""
+    if config.quant_bits and config.method == "nola":
+        layout = _vector_layout(config, modules)
+        if version == 1:
+            return {name: shape for key, count in layout
+                    for name, shape in ((f"{key}.codes", (code_bytes(count, config.quant_bits),)), (f"{key}.grid", (2,)))}
+        return {QUANTIZED_CODES: (sum(code_bytes(count, config.quant_bits) for _, count in layout),),
+                QUANTIZED_GRIDS: (len(layout), 2)}
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, (out_features, in_features) in fingerprint.items():
+    for name, (out_features, in_features) in modules.items():
         if config.method == "lora":
             shapes[f"{name}.lora_a"] = (config.rank, in_features)
             shapes[f"{name}.lora_b"] = (out_features, config.rank)
-            continue
-        for short_name, count in (("coefficients_a", config.basis_size_a), ("coefficients_b", config.basis_size_b)):
-            if config.quant_bits:
-                shapes[f"{name}.{short_name}.codes"] = (code_bytes(count, config.quant_bits),)
-                shapes[f"{name}.{short_name}.grid"] = (2,)
-            else:
-                shapes[f"{name}.{short_name}"] = (count,)
+        else:
+            shapes[f"{name}.coefficients_a"] = (config.basis_size_a,)
+            shapes[f"{name}.coefficients_b"] = (config.basis_size_b,)
     return shapes
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and verify an adapter directory (format, generator, hash, tensor names and shapes), no model needed."""
+    directory = Path(path)
+    weights_path = directory / WEIGHTS_FILE
+    description = read_adapter_description(directory)
+    config = AdapterConfig.from_dict(description["adapter"], where=str(directory / CONFIG_FILE))
+    modules = description["base_model"]["modules"]
+    state = _read_weights(weights_path)
+    version = description["format_version"]
+    shapes = _expected_shapes(config, modules, version)
+    for key in sorted(set(shapes) | set(state)):
+        if key not in state:
+            raise NolaError(f"{weights_path}: tensor {key} is missing")
+        if key not in shapes:
+            raise NolaError(f"{weights_path}: unexpected tensor {key}")
+        if tuple(state[key].shape) != shapes[key]:
+            raise NolaError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, expected {shapes[key]}")
+    if config.quant_bits and config.method == "nola":
+        layout = _vector_layout(config, modules)
+        if version == 1:
+            state = {key: unpack_codes(state[f"{key}.codes"], state[f"{key}.grid"], count, config.quant_bits)
+                     for key, count in layout}
+        else:
+            vectors = unpack_vectors(state[QUANTIZED_CODES], state[QUANTIZED_GRIDS], [n for _, n in layout],
+                                     config.quant_bits)
+            state = {key: vector for (key, _), vector in zip(layout, vectors)}
+    return AdapterFile(directory, description, config, state)
+
+
+def check_embedding_sample(expected: dict | None, found: list[float], where: Path) -> None:
+    """Refuse a base whose input embeddings differ from the ones the adapter was trained with (same shapes, other
+    weights: e.g. a chat model for a base model's adapter). `found` is `embedding_sample` in the dtype training
+    held the embeddings in; the relative tolerance lets a lower-precision copy of the same weights pass."""
+    if not expected:
+        return
+    wanted, found = torch.tensor(expected["sample"]), torch.tensor(found)
+    if wanted.shape != found.shape or ((found - wanted).abs() > EMBEDDING_TOLERANCE * wanted.abs() + 1e-6).any():
+        raise NolaError(f"{where}: adapter is for another base model (its {expected['name']} values differ from "
+                        f"the ones the adapter was trained with)")
+
+
+def check_base_model(model: nn.Module, adapter: AdapterFile) -> None:
+    """Fail naming the first module whose presence or shape differs between the adapter and `model`, or the
+    embedding sample when the shapes agree but the weights do not."""
+    config_path = adapter.directory / CONFIG_FILE
+    if getattr(getattr(model, "config", None), MERGED_MARKER, None) == adapter.description["weights_sha256"]:
+        raise NolaError(f"{config_path}: the base model already has this adapter merged in (applying it again "
+                        f"would double its update)")
+    found = {}
+    for name in find_target_modules(model, adapter.config.target_modules):
+        module = model.get_submodule(name)
+        found[name] = [module.out_features, module.in_features]
+    for name, shape in adapter.modules.items():
+        if name not in found:
+            raise NolaError(f"{config_path}: adapter is for another base model (module {name} not found in it)")
+        if list(shape) != found[name]:
+            raise NolaError(
+                f"{config_path}: adapter is for another base model ({name} is {found[name][0]}x{found[name][1]}, "
+                f"adapter expects {shape[0]}x{shape[1]})"
+            )
+    extra = sorted(set(found) - set(adapter.modules))
+    if extra:
+        raise NolaError(f"{config_path}: adapter is for another base model (module {extra[0]} is not in the adapter)")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    expected = adapter.base.get("embedding")
+    if expected and embeddings is not None and embeddings.weight.device.type != "meta":
+        found = embedding_sample(embeddings.weight, getattr(torch, expected["dtype"]))
+        check_embedding_sample(expected, found, config_path)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -191,29 +304,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Every check (format, generator, file hash, base fingerprint, tensor names and shapes) runs before the model
     is touched, so a failed load leaves the model as it was.
     """
-    directory = Path(path)
-    weights_path = directory / WEIGHTS_FILE
-    description = read_adapter_description(directory)
-    config = AdapterConfig.from_dict(description["adapter"], where=str(directory / CONFIG_FILE))
-    fingerprint = description["base_model"].get("modules", {})
-    _check_fingerprint(model, config, fingerprint, directory / CONFIG_FILE)
-    state = _read_weights(weights_path)
-    shapes = _expected_shapes(config, fingerprint)
-    for key in sorted(set(shapes) | set(state)):
-        if key not in state:
-            raise NolaError(f"{weights_path}: tensor {key} is missing")
-        if key not in shapes:
-            raise NolaError(f"{weights_path}: unexpected tensor {key}")
-        if tuple(state[key].shape) != shapes[key]:
-            raise NolaError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, expected {shapes[key]}")
-    attach(model, config)
+    return apply_adapter(model, read_adapter(path))
+
+
+def apply_adapter(model: nn.Module, adapter: AdapterFile) -> nn.Module:
+    """`load_adapter` for an adapter already read: check the base, attach, copy the trained values in."""
+    check_base_model(model, adapter)
+    attach(model, adapter.config)
     with torch.no_grad():
         for name, module in adapted_modules(model):
             for short_name, parameter in module.trainable_tensors().items():
-                key = f"{name}.{short_name}"
-                if config.quant_bits and module.method == "nola":
-                    value = unpack_codes(state[f"{key}.codes"], state[f"{key}.grid"], parameter.numel(), config.quant_bits)
-                else:
-                    value = state[key]
-                parameter.copy_(value.to(parameter.dtype))
+                parameter.copy_(adapter.values[f"{name}.{short_name}"].to(parameter.dtype))
     return model

@@ -138,7 +138,9 @@ def restore_training_state(model: nn.Module, optimizer, state: TrainingState, de
 
             safe_set_full_fp32_param(parameter, value.to(parameter.device))
             for key in ADAM_MOMENTS:
-                safe_set_full_optimizer_state(parameter, state.moments[f"{name}.{key}"].to(parameter.device), key)
+                moment = state.moments.get(f"{name}.{key}")  # absent when saved before the first step
+                if moment is not None:
+                    safe_set_full_optimizer_state(parameter, moment.to(parameter.device), key)
         else:
             prefix = f"{name}."
             optimizer.state[parameter] = {

@@ -157,7 +157,7 @@ def build_example(
     if boundary == len(joined_ids):
         return None  # an empty response: only EOS, which teaches nothing but stopping
     labels = (source if train_on_source else [IGNORE_INDEX] * len(source)) + target
-    return {"input_ids": source + target, "labels": labels}
+    return {"input_ids": source + target, "labels": labels, "prompt_length": len(source)}
 
 
 def tokenize_records(

@@ -20,6 +20,8 @@ from nola.layers import AdaptedLinear, base_layer_types
 from nola.quant import packed_bytes
 
 _CONFIG_ATTRIBUTE = "nola_adapter_config"
+_BASE_ATTRIBUTE = "nola_base_description"
+EMBEDDING_SAMPLE_ROWS, EMBEDDING_SAMPLE_COLUMNS = 16, 8
 
 
 def module_seed(run_seed: int, module_name: str) -> int:
@@ -64,6 +66,7 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise NolaError("attach: the model already carries a nola adapter")
     names = find_target_modules(model, config.target_modules)
     seeds = {name: config.module_seeds.get(name, module_seed(config.seed, name)) for name in names}
+    setattr(model, _BASE_ATTRIBUTE, describe_base(model))  # now: under ZeRO-3 the weights are partitioned later
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name in names:
@@ -72,6 +75,44 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
         setattr(parent, child_name, AdaptedLinear(getattr(parent, child_name), config, seeds[name]))
     setattr(model, _CONFIG_ATTRIBUTE, dataclasses.replace(config, module_seeds=seeds))
     return model
+
+
+def embedding_sample(weight: torch.Tensor, dtype: torch.dtype | None = None) -> list[float]:
+    """A few input-embedding values at fixed positions (cast to `dtype` first when given): enough to tell one base
+    model's weights from another's."""
+    sample = weight.detach()[embedding_sample_rows(weight.shape[0]), :EMBEDDING_SAMPLE_COLUMNS]
+    return sample.to(dtype or sample.dtype).float().flatten().tolist()
+
+
+def embedding_sample_rows(num_rows: int) -> list[int]:
+    """The embedding rows `embedding_sample` reads: spread over the vocabulary."""
+    return torch.linspace(0, num_rows - 1, EMBEDDING_SAMPLE_ROWS).long().tolist()
+
+
+def describe_base(model: nn.Module) -> dict:
+    """What merge and export must know of the base the adapter trains on, beyond its shapes: an input-embedding
+    sample (to refuse a different base with the same shapes) and, for a 4-bit base, the bitsandbytes settings and
+    which Linear layers were quantised (to merge into exactly the weights training saw)."""
+    description: dict = {}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and embeddings.weight.device.type != "meta" and embeddings.weight.dim() == 2:
+        name = next(n for n, m in model.named_modules() if m is embeddings)
+        description["embedding"] = {"name": f"{name}.weight", "dtype": str(embeddings.weight.dtype).split(".")[-1],
+                                    "sample": embedding_sample(embeddings.weight)}
+    quantised = {name: module.weight.quant_state for name, module in model.named_modules()
+                 if getattr(getattr(module, "weight", None), "quant_state", None) is not None}
+    if quantised:
+        state = next(iter(quantised.values()))
+        description["quantization"] = {
+            "method": "bitsandbytes-4bit", "quant_type": state.quant_type, "blocksize": state.blocksize,
+            "double_quant": bool(state.nested), "dtype": str(state.dtype).split(".")[-1], "modules": list(quantised),
+        }
+    return description
+
+
+def base_description_of(model: nn.Module) -> dict:
+    """`describe_base` as recorded when the adapter was attached (empty for an adapter attached on meta)."""
+    return getattr(model, _BASE_ATTRIBUTE, {})
 
 
 def adapter_config_of(model: nn.Module) -> AdapterConfig:

@@ -46,6 +46,20 @@ def initial_a(seed: int, rank: int, in_features: int, dtype: torch.dtype, device
     return unit.to(dtype) * (1.0 / math.sqrt(in_features))
 
 
+def nola_matrices(
+    alphas: torch.Tensor, betas: torch.Tensor, seed: int, rank: int, in_features: int, out_features: int,
+    chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = A0 + Σᵢ αᵢUᵢ/√k_A (r × in) and B = Σⱼ βⱼVⱼ/√k_B (out × r): a pure function of the coefficients and the
+    module's seed and shape, so merge and export compute the very matrices training used without a model."""
+    alphas = alphas * (1.0 / math.sqrt(alphas.numel()))
+    betas = betas * (1.0 / math.sqrt(betas.numel()))
+    a0 = initial_a(seed, rank, in_features, alphas.dtype, alphas.device)
+    a = a0 + basis_combination(alphas, seed, STREAM_A, a0.numel(), chunk_bytes).view_as(a0)
+    b = basis_combination(betas, seed, STREAM_B, out_features * rank, chunk_bytes)
+    return a, b.view(out_features, rank)
+
+
 class AdaptedLinear(nn.Module):
     """A frozen base Linear plus a NOLA or LoRA update; `base_layer` keeps the original module untouched."""
 
@@ -87,13 +101,8 @@ class AdaptedLinear(nn.Module):
         """(A, B) in the coefficient dtype, differentiable with respect to the trainable tensors."""
         if self.method == "lora":
             return self.lora_a, self.lora_b
-        alphas, betas = self.coefficients_a, self.coefficients_b
-        alphas = self._coefficients(alphas) * (1.0 / math.sqrt(alphas.numel()))
-        betas = self._coefficients(betas) * (1.0 / math.sqrt(betas.numel()))
-        a0 = initial_a(self.seed, self.rank, self.in_features, alphas.dtype, alphas.device)
-        a = a0 + basis_combination(alphas, self.seed, STREAM_A, a0.numel(), self.chunk_bytes).view_as(a0)
-        b = basis_combination(betas, self.seed, STREAM_B, self.out_features * self.rank, self.chunk_bytes)
-        return a, b.view(self.out_features, self.rank)
+        return nola_matrices(self._coefficients(self.coefficients_a), self._coefficients(self.coefficients_b),
+                             self.seed, self.rank, self.in_features, self.out_features, self.chunk_bytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

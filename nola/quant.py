@@ -72,3 +72,20 @@ def code_bytes(count: int, bits: int) -> int:
 def packed_bytes(count: int, bits: int) -> int:
     """Bytes a packed vector of `count` codes occupies on disk, its float32 [low, step] grid included."""
     return code_bytes(count, bits) + 8
+
+
+def pack_vectors(vectors: list[torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """Several coefficient vectors as two tensors: their byte-aligned packed codes end to end, and one [low, step]
+    row per vector. Two tensors instead of two per vector keep the safetensors header from outweighing the codes."""
+    packed = [pack_codes(vector, bits) for vector in vectors]
+    return {"codes": torch.cat([codes for codes, _ in packed]), "grids": torch.stack([grid for _, grid in packed])}
+
+
+def unpack_vectors(codes: torch.Tensor, grids: torch.Tensor, counts: list[int], bits: int) -> list[torch.Tensor]:
+    """Inverse of `pack_vectors`, given each vector's length."""
+    vectors, offset = [], 0
+    for count, grid in zip(counts, grids):
+        size = code_bytes(count, bits)
+        vectors.append(unpack_codes(codes[offset : offset + size], grid, count, bits))
+        offset += size
+    return vectors

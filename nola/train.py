@@ -19,7 +19,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nola import embedded
 from nola.adapter_io import save_adapter
@@ -35,20 +34,11 @@ from nola.checkpoint import (
 from nola.config import RecipeConfig
 from nola.data import batch_schedule, collate, load_records, prepare_data
 from nola.errors import NolaError
+from nola.evaluation import evaluate, token_loss_sum
 from nola.inject import attach, parameter_report
 from nola.mmlu import load_mmlu, mmlu_accuracy
 from nola.modeling import check_model_source, load_model, load_tokenizer
 from nola.run_log import RunLog
-
-
-def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions (fp32 logits), and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((targets != -100).sum())
 
 
 def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -151,15 +141,37 @@ def make_scheduler(optimizer, config: RecipeConfig):
     )
 
 
-def resolve_resume(config: RecipeConfig, checkpoints_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `auto` picks the newest valid one (or none), a path must verify."""
+def resolve_resume(config: RecipeConfig, checkpoints_dir: Path, accelerator) -> Path | None:
+    """The checkpoint to resume from: `auto` picks the newest valid one (or none), a path must verify. Rank 0
+    decides and tells the others, so all ranks resume from the same step even if a checkpoint changes meanwhile."""
     resume = config.train.resume_from
     if resume is None:
         return None
-    if resume == "auto":
-        return latest_valid_checkpoint(checkpoints_dir)
-    verify_checkpoint(Path(resume))
-    return Path(resume)
+    if resume != "auto":
+        verify_checkpoint(Path(resume))
+        return Path(resume)
+    from accelerate.utils import broadcast_object_list
+
+    choice = [latest_valid_checkpoint(checkpoints_dir) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    return choice[0]
+
+
+def data_fingerprint(config: RecipeConfig, stream: "StepBatches") -> dict:
+    """What fixes the order of training examples: a checkpoint resumes exactly only on the same."""
+    return {"global_batch": stream.global_batch, "seed": config.train.seed,
+            "group_by_length": config.data.group_by_length, "train_examples": len(stream.examples)}
+
+
+def check_resumable(resume_dir: Path, saved: dict, current: dict) -> None:
+    """Refuse a checkpoint whose data order differs from this run's, naming the first difference."""
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            hint = (" (keep micro_batch_size x grad_accum_steps x processes the same: the data order depends on it)"
+                    if key == "global_batch" else "")
+            raise NolaError(f"train.resume_from: {resume_dir} was trained with {key}={saved.get(key)}, this run "
+                            f"has {key}={value}{hint}")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -168,40 +180,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rank_batches(count: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's strided share of `count` items in batches, the same number of batches on every rank (padded
-    with empty batches): every forward pass is then matched on all ranks, which ZeRO-3 (parameters gathered per
-    layer) and DDP (buffers broadcast per forward) need to avoid a hang."""
-    mine = list(range(rank, count, world))
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    return batches + [[] for _ in range(math.ceil(math.ceil(count / world) / batch_size) - len(batches))]
-
-
-@torch.no_grad()
-def evaluate(model, examples, micro_batch_size, pad_token_id, accelerator, max_batches=None) -> float:
-    """Mean token loss over this rank's share of `examples`, reduced over ranks."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    batches = rank_batches(len(examples), micro_batch_size, accelerator.process_index, accelerator.num_processes)
-    for indices in batches[:max_batches]:
-        chosen = [examples[i] for i in indices] or examples[:1]  # a padding batch still runs, uncounted
-        batch = {k: v.to(accelerator.device) for k, v in collate(chosen, pad_token_id).items()}
-        loss, tokens = _token_loss_sum(model, batch)
-        if indices:
-            totals += torch.tensor([loss.item(), tokens], dtype=torch.float64, device=accelerator.device)
-    totals = accelerator.reduce(totals, reduction="sum")
-    model.train()
-    return (totals[0] / totals[1].clamp(min=1)).item()
-
-
 @torch.no_grad()
 def sample_generations(model, tokenizer, examples, count: int, max_new_tokens: int) -> list[dict[str, str]]:
     """Greedy completions of the first `count` validation prompts, beside their reference responses."""
     model.eval()
     samples = []
     for example in examples[:count]:
-        labels = example["labels"]
-        prompt_length = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+        prompt_length = example["prompt_length"]
         prompt = torch.tensor([example["input_ids"][:prompt_length]], device=model.device)
         output = model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False,
@@ -209,7 +194,7 @@ def sample_generations(model, tokenizer, examples, count: int, max_new_tokens: i
         )
         samples.append({
             "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True)[-120:],
-            "reference": tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=True),
+            "reference": tokenizer.decode(example["input_ids"][prompt_length:], skip_special_tokens=True),
             "generated": tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
         })
     model.train()
@@ -230,7 +215,7 @@ def run(config: RecipeConfig) -> dict:
     train = config.train
     output_dir = Path(train.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
-    resume_dir = resolve_resume(config, checkpoints_dir)
+    resume_dir = resolve_resume(config, checkpoints_dir, accelerator)
 
     if not config.model.name_or_path.startswith(embedded.PREFIX):
         check_model_source(config.model.name_or_path)  # a typo fails now, not after the data is read
@@ -258,17 +243,14 @@ def run(config: RecipeConfig) -> dict:
     stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
                          config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
                          pad_token_id)
-    start_step, tokens_seen = 0, 0
+    fingerprint = data_fingerprint(config, stream)
+    start_step, tokens_seen, first_eval = 0, 0, None
     if resume_dir is not None:
-        saved_batch = read_trainer_state(resume_dir).get("global_batch")
-        if saved_batch != stream.global_batch:
-            raise NolaError(
-                f"train.resume_from: {resume_dir} was trained with global batches of {saved_batch} "
-                f"sequences, this run has {stream.global_batch}: keep micro_batch_size x grad_accum_steps x "
-                f"processes = {saved_batch} to resume (the data order depends on it)"
-            )
+        saved = read_trainer_state(resume_dir)
+        # Checkpoints written before the data fingerprint existed record the global batch alone.
+        check_resumable(resume_dir, saved.get("data", {"global_batch": saved.get("global_batch")}), fingerprint)
         state = load_checkpoint(resume_dir, unwrapped, optimizer, scheduler, use_deepspeed)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        start_step, tokens_seen, first_eval = state["step"], state["tokens_seen"], state.get("first_eval_loss")
         stream.seek(state["epoch"], state["step_in_epoch"])
 
     log = RunLog(output_dir, config.log, config.to_dict(), enabled=is_main)
@@ -290,8 +272,8 @@ def run(config: RecipeConfig) -> dict:
         return mmlu_accuracy(model, tokenizer, mmlu_examples, config.mmlu.batch_size, config.mmlu.max_length,
                              accelerator)
 
-    first_eval = evaluate_now()
     if start_step == 0:
+        first_eval = evaluate_now()
         log.log(0, {"eval_loss": first_eval, **(mmlu_now() if mmlu_examples and config.mmlu.at_start else {})})
     samples_before = []
     if train.sample_generations and data.validation:  # on every rank: under ZeRO-3 a forward is a collective
@@ -303,7 +285,7 @@ def run(config: RecipeConfig) -> dict:
     progress = tqdm(total=train.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     model.train()
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
-    eval_loss = first_eval
+    eval_loss = first_eval if start_step == 0 else state["eval_loss"]
     step = start_step
     # DDP and DeepSpeed average gradients over ranks, and DeepSpeed also divides each micro-batch's loss by its
     # accumulation count: undo both, so the step's gradient is that of the mean loss over its global tokens.
@@ -319,7 +301,7 @@ def run(config: RecipeConfig) -> dict:
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for index, batch in enumerate(micro_batches):
             with accumulation_context(accelerator, model, use_deepspeed, index == len(micro_batches) - 1):
-                loss_sum, _ = _token_loss_sum(model, batch)
+                loss_sum, _ = token_loss_sum(model, batch)
                 accelerator.backward(loss_sum * (gradient_scale / global_tokens))
             step_loss += loss_sum.detach().double()
         grad_norm = accelerator.clip_grad_norm_(parameters, train.max_grad_norm)
@@ -352,8 +334,8 @@ def run(config: RecipeConfig) -> dict:
             log.log(step, {"eval_loss": eval_loss})
         if step % train.save_steps == 0 or step == train.max_steps:
             trainer_state = {"step": step, "epoch": stream.epoch, "step_in_epoch": stream.index,
-                             "global_batch": stream.global_batch,
-                             "tokens_seen": tokens_seen, "eval_loss": eval_loss}
+                             "data": fingerprint, "tokens_seen": tokens_seen, "eval_loss": eval_loss,
+                             "first_eval_loss": first_eval}
             training_state = gather_training_state(unwrapped, optimizer, use_deepspeed)  # every rank: a collective
             if is_main:
                 save_checkpoint(checkpoints_dir / f"step-{step}", unwrapped, training_state, scheduler, trainer_state)

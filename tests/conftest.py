@@ -60,17 +60,23 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("nola-cache")
 
 
-def run_train(cache_dir, *arguments, launcher=(), check=True, timeout=900) -> subprocess.CompletedProcess:
-    """`train_llama.py ARGUMENTS` in a subprocess (under `launcher`, e.g. accelerate launch options), offline."""
+def run_script(cache_dir, script: str, *arguments, launcher=(), check=True, timeout=900, stdin=None
+               ) -> subprocess.CompletedProcess:
+    """`SCRIPT ARGUMENTS` in a subprocess from the repository root (under `launcher`, e.g. accelerate launch
+    options), offline, with the session's embedded-default cache."""
     environment = {**os.environ, "NOLA_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
                    "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-    command = [*launcher, "train_llama.py", *map(str, arguments)] if launcher else [
-        sys.executable, "train_llama.py", *map(str, arguments)]
+    command = [*(launcher or [sys.executable]), script, *map(str, arguments)]
     completed = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
-                               timeout=timeout)
+                               timeout=timeout, input=stdin)
     if check and completed.returncode != 0:
-        raise AssertionError(f"train_llama.py failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
+        raise AssertionError(f"{script} failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
     return completed
+
+
+def run_train(cache_dir, *arguments, launcher=(), check=True, timeout=900) -> subprocess.CompletedProcess:
+    """`train_llama.py ARGUMENTS` (see `run_script`)."""
+    return run_script(cache_dir, "train_llama.py", *arguments, launcher=launcher, check=check, timeout=timeout)
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -81,3 +87,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_adapter(cache_dir, tmp_path_factory) -> Path:
+    """An adapter trained for a few steps on the embedded default, through the training CLI."""
+    output = tmp_path_factory.mktemp("embedded-run")
+    run_script(cache_dir, "train_llama.py", "recipes/tiny.yaml", "train.max_steps=10", "train.eval_steps=10",
+               "train.sample_generations=0", "log.wandb_mode=disabled", "train.lr=0.05", f"train.output_dir={output}")
+    return output / "adapter"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from nola.basis import (
@@ -163,3 +164,20 @@ def test_golden_checksums_pin_the_generator():
     for (seed, stream, start, count, numel), expected in GOLDEN.items():
         values = generate_basis(seed, stream, start, count, numel)
         assert hashlib.sha256(values.numpy().tobytes()).hexdigest() == expected, (seed, stream, start, count, numel)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CPU/CUDA identity is checked on GPU")
+def test_a_cuda_device_generates_the_same_bits_and_matrices_as_the_cpu():
+    """What lets a GPU-trained adapter merge on a CPU: the same basis, golden values and materialised A, B."""
+    from nola.layers import nola_matrices
+
+    cuda = torch.device("cuda")
+    for (seed, stream, start, count, numel), expected in GOLDEN.items():
+        values = generate_basis(seed, stream, start, count, numel, cuda).cpu()
+        assert torch.equal(values, generate_basis(seed, stream, start, count, numel))
+        assert hashlib.sha256(values.numpy().tobytes()).hexdigest() == expected
+    alphas, betas = torch.randn(256, generator=torch.Generator().manual_seed(0)), torch.randn(256)
+    on_cpu = nola_matrices(alphas, betas, 7, 16, 4096, 11008, 8 << 20)
+    on_gpu = nola_matrices(alphas.to(cuda), betas.to(cuda), 7, 16, 4096, 11008, 8 << 20)
+    for cpu_matrix, gpu_matrix in zip(on_cpu, on_gpu):
+        assert torch.allclose(gpu_matrix.cpu(), cpu_matrix, rtol=1e-5, atol=1e-6)  # sums may differ in order only

@@ -93,7 +93,15 @@ def test_resuming_with_another_global_batch_is_refused(cache_dir, single, tmp_pa
                           f"train.resume_from={single / 'checkpoints' / 'step-2'}", check=False)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1].startswith("error: train.resume_from:")
-    assert "global batches of 8 sequences, this run has 4" in completed.stderr
+    assert "global_batch=8, this run has global_batch=4" in completed.stderr
+
+
+def test_resuming_with_another_data_order_is_refused(cache_dir, single, tmp_path):
+    completed = run_train(cache_dir, *COMMON, "train.micro_batch_size=8", "data.group_by_length=false",
+                          f"train.output_dir={tmp_path / 'out'}",
+                          f"train.resume_from={single / 'checkpoints' / 'step-2'}", check=False)
+    assert completed.returncode == 2
+    assert "group_by_length=True, this run has group_by_length=False" in completed.stderr.strip().splitlines()[-1]
 
 
 def test_two_machines_on_one_host(cache_dir, single, tmp_path):
@@ -113,7 +121,11 @@ def test_two_machines_on_one_host(cache_dir, single, tmp_path):
         )
         for rank in (0, 1)
     ]
-    logs = [launch.communicate(timeout=600)[0] for launch in launches]
+    try:
+        logs = [launch.communicate(timeout=600)[0] for launch in launches]
+    finally:  # a rendezvous that never completes must not leave the other launch running
+        for launch in launches:
+            launch.kill()
     assert [launch.returncode for launch in launches] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert '"processes": 2' in logs[0] and '"processes": 2' not in logs[1]  # only global rank 0 reports
     assert_same_adapter(adapter(output), adapter(single))

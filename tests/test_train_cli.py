@@ -44,6 +44,16 @@ def test_resumed_run_reaches_the_same_coefficients(cache_dir, tmp_path):
     assert whole.keys() == resumed.keys()
     assert all((whole[k] == resumed[k]).all() for k in whole), "resume diverged from the uninterrupted run"
     assert any((whole[k] != halfway[k]).any() for k in whole), "steps 5-8 changed nothing: vacuous comparison"
+    summaries = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("whole", "resumed")]
+    assert summaries[0]["first_eval_loss"] == summaries[1]["first_eval_loss"]  # the step-0 loss, not the resumed one
+
+
+def test_training_on_the_source_still_prompts_generation_with_the_prompt_only(cache_dir, tmp_path):
+    completed = train(cache_dir, "recipes/tiny.yaml", "data.train_on_source=true", "train.max_steps=1",
+                      "train.sample_generations=1", "train.max_new_tokens=4", "log.wandb_mode=disabled",
+                      f"train.output_dir={tmp_path / 'run'}")
+    prompt_line = completed.stdout.split("--- generations after training ---")[1].splitlines()[1]
+    assert "### Response:" in prompt_line
 
 
 def test_auto_resume_continues_from_the_latest_checkpoint(cache_dir, tmp_path):

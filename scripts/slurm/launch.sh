@@ -17,7 +17,7 @@ python=${NOLA_PYTHON:-.venv/bin/python}
 [ -x "$python" ] || python=python3
 nodes=${SLURM_NNODES:-1}
 per_node=${NOLA_PROCESSES_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-main_address=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+main_address=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 main_port=${NOLA_MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 recipe=$1
 shift
@@ -26,10 +26,17 @@ echo "nola: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $nodes node
 
 trap 'echo "nola: time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
 # Single quotes: each task reads its own SLURM_NODEID.
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c \
+# srun no longer inherits sbatch's --cpus-per-task (SLURM >= 22.05): pass it on, or the task gets one core.
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} bash -c \
   'exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' "$python" \
   --config_file "${NOLA_ACCELERATE_CONFIG:-recipes/accelerate/ddp.yaml}" \
   --num_machines "$nodes" --num_processes $((nodes * per_node)) \
   --main_process_ip "$main_address" --main_process_port "$main_port" \
   train_llama.py "$recipe" train.resume_from=auto "log.wandb_run_id=nola-$SLURM_JOB_ID" "$@" &
-wait $! || { status=$?; wait $! 2>/dev/null || true; exit $status; }
+srun_pid=$!
+# USR1 interrupts `wait`; keep waiting until srun is gone, so the job ends with srun's own exit status.
+while :; do
+  wait "$srun_pid" && status=0 || status=$?
+  kill -0 "$srun_pid" 2>/dev/null || break
+done
+exit "$status"

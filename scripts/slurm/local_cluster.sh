@@ -58,6 +58,7 @@ start() {
     mkdir -p /run/munge && chown munge:munge /run/munge
     [ -f /etc/munge/munge.key ] || { mungekey --create && chown munge:munge /etc/munge/munge.key; }
     runuser -u munge -- /usr/sbin/munged
+    touch "$STATE/munged.ours"  # stop only a munged this script started, never the host's own
   fi
   [ -f "$CONF" ] || write_config
   alive "$STATE/slurmctld.pid" || slurmctld -f "$CONF"
@@ -74,13 +75,16 @@ start() {
 }
 
 stop() {
-  for pid_file in "$STATE/slurmd.pid" "$STATE/slurmctld.pid" "$MUNGE_PID"; do
+  local pid_files=("$STATE/slurmd.pid" "$STATE/slurmctld.pid")
+  [ -f "$STATE/munged.ours" ] && pid_files+=("$MUNGE_PID")
+  for pid_file in "${pid_files[@]}"; do
     if alive "$pid_file"; then
       local pid; pid=$(cat "$pid_file")
       kill "$pid"
       for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
   done
+  rm -f "$STATE/munged.ours"
   echo "SLURM stopped"
 }
 

@@ -1,0 +1,106 @@
+"""Using a trained adapter: load base + adapter as training saw them, generate, compare logits.
+
+The base is loaded the way the adapter was trained on it (the adapter records whether bitsandbytes quantised it
+and how, and the dtype the weights were held in), so an evaluation or a merge check measures the model that was
+trained; activations are then computed in float32, so that comparisons between it and an export measure the export,
+not bf16 arithmetic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nola import embedded
+from nola.adapter_io import AdapterFile, apply_adapter, read_adapter
+from nola.config import ModelSection
+from nola.data import format_prompt
+from nola.modeling import check_model_source, load_model, load_tokenizer
+
+# Fixed instructions for the logit checks of merge_and_export: a spread of lengths, with and without an input.
+CHECK_RECORDS = [
+    {"instruction": "Give three tips for staying healthy.", "input": ""},
+    {"instruction": "Translate the sentence into French.", "input": "The cat sleeps on the warm stone."},
+    {"instruction": "What is the capital of the country?", "input": "France"},
+]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def base_section(base: str, adapter: AdapterFile | None) -> ModelSection:
+    """The model section that loads `base` as the adapter was trained on it (float32 when nothing is recorded)."""
+    base = check_model_source(embedded.resolve(base))
+    recorded = adapter.base if adapter is not None else {}
+    dtype = recorded.get("embedding", {}).get("dtype", "float32")
+    quantization = recorded.get("quantization")
+    if quantization is None:
+        return ModelSection(name_or_path=base, torch_dtype=dtype)
+    return ModelSection(name_or_path=base, load_in_4bit=True, quant_type=quantization["quant_type"],
+                        double_quant=quantization["double_quant"], compute_dtype=quantization["dtype"])
+
+
+def compute_in_float32(model: nn.Module) -> nn.Module:
+    """Float parameters to float32 and 4-bit layers computing in float32; the 4-bit codes stay as they are."""
+    for module in model.modules():
+        if hasattr(module, "compute_dtype") and getattr(getattr(module, "weight", None), "quant_state", None):
+            module.compute_dtype = torch.float32
+    return model.float()
+
+
+def load_for_inference(base: str, adapter_dir: str | Path | None = None, device: torch.device | None = None):
+    """(model, tokenizer): `base` (a checkpoint, a merged export, or `embedded:tiny-llama`) with the adapter at
+    `adapter_dir` applied, if any, ready for float32 inference."""
+    adapter = read_adapter(adapter_dir) if adapter_dir is not None else None
+    section = base_section(base, adapter)
+    tokenizer = load_tokenizer(section, None)
+    model = compute_in_float32(load_model(section, device or default_device()))
+    if adapter is not None:
+        apply_adapter(model, adapter)
+    model.config.use_cache = True
+    return model.eval(), tokenizer
+
+
+def alpaca_prompt(instruction: str, context: str = "") -> str:
+    """The Stanford Alpaca prompt training used, for one instruction (and optional input)."""
+    return format_prompt({"instruction": instruction, "input": context, "output": ""})
+
+
+@torch.no_grad()
+def prompt_logits(model: nn.Module, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+    """float32 logits of every position of each prompt, one prompt at a time (no padding to disagree about)."""
+    device = next(model.parameters()).device
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        outputs.append(model(input_ids=ids).logits[0].float().cpu())
+    return outputs
+
+
+def max_logit_difference(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(reference, candidate, strict=True))
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
+    """Completions of `prompts` (left-padded batches); temperature 0 is greedy, otherwise sampling from a seeded
+    generator state so a run can be repeated."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    sampling = temperature > 0
+    options = dict(do_sample=sampling, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if sampling:
+        options.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    completions = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            output = model.generate(**batch, **options)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return completions
