@@ -4,7 +4,8 @@
     accelerate launch train_llama.py recipes/70b.yaml train.max_steps=20
 
 Same command under `python`, `accelerate launch` and `torchrun`. A mistake in the recipe, overrides, data or
-checkpoint is reported as one line on stderr with exit code 2.
+checkpoint is reported as one line on stderr with exit code 2. SIGTERM or SIGUSR1 (preemption, a time limit) makes
+the run checkpoint its last completed step and exit with code 75: run it again with train.resume_from=auto.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run(config)
 
-    return run_command(train)
+    from nola.stop_signals import EXIT_PREEMPTED, Preempted
+
+    try:
+        return run_command(train)
+    except Preempted as stopped:  # SIGTERM / SIGUSR1: checkpointed; the exit code asks the scheduler to requeue
+        print(f"nola: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

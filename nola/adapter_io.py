@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -65,23 +66,35 @@ def _fsync_path(path: Path) -> None:
 
 
 def write_directory_atomically(path: Path, write_into) -> None:
-    """Call `write_into(tmp_dir)`, fsync what it wrote, then rename tmp_dir to `path` (replacing an old one)."""
+    """Call `write_into(tmp_dir)`, fsync what it wrote, then rename tmp_dir to `path` (replacing an old one).
+
+    Readers see the old directory or the new one, never a mix; a write error (full disk, file-size limit, read-only
+    directory) becomes one NolaError naming `path`, with `path` left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+    previous = path.parent / f".{path.name}.old-{os.getpid()}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
         write_into(temporary)
         for child in sorted(temporary.rglob("*"), reverse=True):  # files before the directories holding them
             _fsync_path(child)
         _fsync_path(temporary)
-        previous = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
             os.rename(path, previous)
-        os.rename(temporary, path)
+        try:
+            os.rename(temporary, path)
+        except OSError:
+            if previous.exists():
+                os.rename(previous, path)
+            raise
         _fsync_path(path.parent)
         shutil.rmtree(previous, ignore_errors=True)
+    except (OSError, SafetensorError) as error:  # safetensors reports write errors (EFBIG, ENOSPC) as its own type
+        reason = getattr(error, "strerror", None) or str(error)
+        reason = re.sub(r".*I/O error: (.*?) \(os error \d+\).*", r"\1", reason)  # safetensors wraps the OS's words
+        raise NolaError(f"{path}: cannot be written ({reason}); left as it was") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
@@ -139,8 +152,9 @@ def adapter_state(model: nn.Module, values: dict[str, torch.Tensor] | None = Non
 
 
 def write_adapter(path: str | os.PathLike, config: AdapterConfig, state: dict[str, torch.Tensor],
-                  base: dict) -> Path:
-    """Write an adapter directory atomically from its config, packed tensors and base description."""
+                  base: dict, atomic: bool = True) -> Path:
+    """Write an adapter directory from its config, packed tensors and base description: atomically, or straight
+    into a new directory when it lies inside one being written atomically already (a checkpoint)."""
 
     def write_into(directory: Path) -> None:
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -154,14 +168,20 @@ def write_adapter(path: str | os.PathLike, config: AdapterConfig, state: dict[st
         }
         (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
-    write_directory_atomically(Path(path), write_into)
+    if atomic:
+        write_directory_atomically(Path(path), write_into)
+    else:
+        Path(path).mkdir()
+        write_into(Path(path))
     return Path(path)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, values: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the model's adapter to directory `path` atomically; returns the path. See `adapter_state` for values."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, values: dict[str, torch.Tensor] | None = None,
+                 atomic: bool = True) -> Path:
+    """Write the model's adapter to directory `path` (atomically unless told); returns the path. See
+    `adapter_state` for values."""
     base = {"modules": base_fingerprint(model), **base_description_of(model)}
-    return write_adapter(path, adapter_config_of(model), adapter_state(model, values), base)
+    return write_adapter(path, adapter_config_of(model), adapter_state(model, values), base, atomic)
 
 
 def read_adapter_description(path: str | os.PathLike) -> dict:

@@ -24,6 +24,7 @@ from torch import nn
 
 from nola.adapter_io import file_sha256, save_adapter, write_directory_atomically
 from nola.errors import NolaError
+from nola.failpoints import kill_if_armed
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
@@ -160,23 +161,33 @@ def restore_training_state(model: nn.Module, optimizer, state: TrainingState, de
         group["lr"] = lr
 
 
-def save_checkpoint(directory: Path, model: nn.Module, training_state: TrainingState, scheduler,
-                    trainer_state: dict) -> Path:
-    """Write a complete checkpoint to `directory` atomically (on one rank, from a state gathered on all)."""
-    rng = {"torch": torch.get_rng_state()}
+def capture_rng() -> dict:
+    """Every RNG state a step may draw from (torch CPU and CUDA, Python's): taken when a step starts, so a checkpoint
+    written by a stop in the middle of the step resumes with the draws that step will make again."""
+    rng = {"torch": torch.get_rng_state(), "python": _python_random_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def save_checkpoint(directory: Path, model: nn.Module, training_state: TrainingState, scheduler,
+                    trainer_state: dict, rng: dict | None = None) -> Path:
+    """Write a complete checkpoint to `directory` atomically (on one rank, from a state gathered on all), with the
+    RNG states `rng` (from `capture_rng`; now by default)."""
+    rng = rng or capture_rng()
+    rng_tensors = {key: value for key, value in rng.items() if isinstance(value, torch.Tensor)}
 
     def write_into(temporary: Path) -> None:
-        save_adapter(model, temporary / "adapter", values=training_state.values)
+        save_adapter(model, temporary / "adapter", values=training_state.values, atomic=False)  # inside ours
         save_file(training_state.values, str(temporary / TRAINABLE_TENSORS))
+        kill_if_armed("checkpoint-write", trainer_state["step"])
         save_file(training_state.moments, str(temporary / OPTIMIZER_TENSORS))
-        save_file(rng, str(temporary / "rng.safetensors"))
+        save_file(rng_tensors, str(temporary / "rng.safetensors"))
         state = {
             **trainer_state,
             "optimizer": training_state.meta,
             "scheduler": scheduler.state_dict(),
-            "python_random": _python_random_state(),
+            "python_random": rng["python"],
         }
         (temporary / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (temporary / MANIFEST).write_text(json.dumps(_manifest_of(temporary), indent=1) + "\n")
@@ -190,6 +201,14 @@ def _python_random_state() -> list:
     return [version, list(internal), gauss]
 
 
+def remove_unfinished(checkpoints_dir: Path) -> None:
+    """Delete what a killed writer left: hidden temporary and replaced directories (`.step-N.tmp-PID`,
+    `.step-N.old-PID`). Only called while holding the run lock, so no live writer owns them."""
+    if checkpoints_dir.is_dir():
+        for leftover in checkpoints_dir.glob(".step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def verify_checkpoint(directory: Path) -> None:
     """Raise NolaError unless every file listed in the manifest is present with its size and hash."""
     manifest_path = directory / MANIFEST
@@ -199,8 +218,12 @@ def verify_checkpoint(directory: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         raise NolaError(f"{manifest_path}: not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise NolaError(f"{manifest_path}: not a checkpoint manifest")
     for name, facts in manifest.items():
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(facts, dict):
+            raise NolaError(f"{manifest_path}: entry {name!r} points outside the checkpoint")
         if not path.is_file() or path.stat().st_size != facts["bytes"] or file_sha256(path) != facts["sha256"]:
             raise NolaError(f"{directory}: checkpoint file {name} is missing or corrupted")
 

@@ -63,6 +63,9 @@ def checkpoint_shards(base_dir: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise NolaError(f"{index}: not a safetensors index (no weight_map)") from None
         shards = list(dict.fromkeys(weight_map.values()))
+        escaping = [name for name in shards if not isinstance(name, str) or Path(name).name != name]
+        if escaping:
+            raise NolaError(f"{index}: shard name {escaping[0]!r} is not a file in {base_dir}")
         missing = [name for name in shards if not (base_dir / name).is_file()]
         if missing:
             raise NolaError(f"{index}: shard {missing[0]} is missing")

@@ -6,6 +6,7 @@ Also builds the same architecture on the meta device (no weights) for dry runs, 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,12 +48,26 @@ def load_model_config(section: ModelSection):
         raise NolaError(f"model.name_or_path: cannot load a config from {section.name_or_path!r} ({error})") from None
 
 
+@contextmanager
+def _plain_construction():
+    """Under ZeRO-3, transformers builds every model through deepspeed.zero.Init, which cannot initialise meta
+    tensors; a weightless skeleton needs plain construction, so the ZeRO-3 switch is set aside meanwhile."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def build_meta_model(section: ModelSection) -> nn.Module:
     """The architecture with every weight on the meta device: parameter counts and adapter layout, no memory."""
     from transformers import AutoModelForCausalLM
 
     config = load_model_config(section)
-    with torch.device("meta"):
+    with _plain_construction(), torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 from nola.config import LogSection
@@ -16,14 +18,18 @@ from nola.config import LogSection
 class RunLog:
     """Append metrics to output_dir/metrics.jsonl and W&B; a no-op on ranks other than 0."""
 
-    def __init__(self, output_dir: Path, section: LogSection, run_config: dict, enabled: bool) -> None:
+    def __init__(self, output_dir: Path, section: LogSection, run_config: dict, enabled: bool,
+                 resumed_step: int | None = None) -> None:
         self.enabled = enabled
         self.wandb_run = None
         self._metrics = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = output_dir / "metrics.jsonl"
+        if resumed_step is not None:
+            _drop_lines_after(path, resumed_step)
+        self._metrics = open(path, "a", encoding="utf-8")
         if section.wandb_mode != "disabled":
             import wandb
 
@@ -44,16 +50,45 @@ class RunLog:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
         self._metrics.write(json.dumps({"step": step, **clean}) + "\n")
         self._metrics.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(values, step=step)
+        self._to_wandb(lambda run: run.log(values, step=step))
 
     def summary(self, values: dict) -> None:
         """Run-level facts (parameter counts, adapter bytes, final losses) for the W&B run summary."""
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+        self._to_wandb(lambda run: run.summary.update(values))
 
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        self._to_wandb(lambda run: run.finish())
+
+    def _to_wandb(self, action) -> None:
+        """W&B is a reporter, not part of training: if its service dies (SLURM signals every process of a job,
+        wandb's own included) or its network fails, say so once and go on with metrics.jsonl alone."""
+        if self.wandb_run is None:
+            return
+        try:
+            action(self.wandb_run)
+        except Exception as error:  # any failure of the W&B client or its service process
+            print(f"warning: W&B logging stopped ({type(error).__name__}: {error}); metrics.jsonl continues",
+                  file=sys.stderr)
+            self.wandb_run = None
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Forget the metrics of steps a resumed run will repeat (those after its checkpoint), so the file reads as one
+    uninterrupted run. Rewritten beside and renamed over: a crash here leaves the old file or the new one."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if _step_of(line) is not None and _step_of(line) <= step]
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(kept), encoding="utf-8")
+    os.replace(staging, path)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a torn line (a crash mid-write), which is dropped."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None

@@ -23,10 +23,12 @@ import torch
 from nola import embedded
 from nola.adapter_io import save_adapter
 from nola.checkpoint import (
+    capture_rng,
     gather_training_state,
     latest_valid_checkpoint,
     load_checkpoint,
     read_trainer_state,
+    remove_unfinished,
     rotate_checkpoints,
     save_checkpoint,
     verify_checkpoint,
@@ -35,10 +37,13 @@ from nola.config import RecipeConfig
 from nola.data import batch_schedule, collate, load_records, prepare_data
 from nola.errors import NolaError
 from nola.evaluation import evaluate, token_loss_sum
+from nola.failpoints import armed, kill_if_armed
 from nola.inject import attach, parameter_report
 from nola.mmlu import load_mmlu, mmlu_accuracy
 from nola.modeling import check_model_source, load_model, load_tokenizer
+from nola.preflight import check_architecture, check_data, check_resume, lock_output_dir
 from nola.run_log import RunLog
+from nola.stop_signals import Preempted, StopSignals
 
 
 def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -164,14 +169,11 @@ def data_fingerprint(config: RecipeConfig, stream: "StepBatches") -> dict:
             "group_by_length": config.data.group_by_length, "train_examples": len(stream.examples)}
 
 
-def check_resumable(resume_dir: Path, saved: dict, current: dict) -> None:
-    """Refuse a checkpoint whose data order differs from this run's, naming the first difference."""
-    for key, value in current.items():
-        if key in saved and saved[key] != value:
-            hint = (" (keep micro_batch_size x grad_accum_steps x processes the same: the data order depends on it)"
-                    if key == "global_batch" else "")
-            raise NolaError(f"train.resume_from: {resume_dir} was trained with {key}={saved.get(key)}, this run "
-                            f"has {key}={value}{hint}")
+def agreed_flags(accelerator, *flags: bool) -> list[bool]:
+    """Each flag true on any rank, the same answer on every rank (one small all-reduce), so that all ranks take
+    the same branch at a stop request or a non-finite loss."""
+    local = torch.tensor([float(flag) for flag in flags], device=accelerator.device)
+    return [bool(value > 0) for value in accelerator.reduce(local, reduction="sum").tolist()]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -209,7 +211,8 @@ def _print_samples(title: str, samples: list[dict[str, str]]) -> None:
 
 
 def run(config: RecipeConfig) -> dict:
-    """Train the recipe; returns the run summary (also written to output_dir/run.json on rank 0)."""
+    """Train the recipe; returns the run summary (also written to output_dir/run.json on rank 0). Raises
+    `Preempted` after checkpointing when SIGTERM / SIGUSR1 arrives."""
     accelerator = make_accelerator(config)
     is_main = accelerator.is_main_process
     train = config.train
@@ -217,8 +220,9 @@ def run(config: RecipeConfig) -> dict:
     checkpoints_dir = output_dir / "checkpoints"
     resume_dir = resolve_resume(config, checkpoints_dir, accelerator)
 
+    # Everything that can be checked before a weight is loaded, and before anything is written.
     if not config.model.name_or_path.startswith(embedded.PREFIX):
-        check_model_source(config.model.name_or_path)  # a typo fails now, not after the data is read
+        check_model_source(config.model.name_or_path)
     with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
         records = load_records(embedded.resolve(config.data.path))
         model_section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
@@ -230,6 +234,21 @@ def run(config: RecipeConfig) -> dict:
         records, tokenizer, config.data.source_max_len, config.data.target_max_len,
         config.data.validation_size, train.seed, config.data.train_on_source,
     )
+    check_data(config, data, len(records))
+    skeleton = check_architecture(config, model_section)
+    stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
+                         config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
+                         pad_token_id)
+    fingerprint = data_fingerprint(config, stream)
+    if resume_dir is not None:
+        saved = read_trainer_state(resume_dir)
+        # Checkpoints written before the data fingerprint existed record the global batch alone.
+        check_resume(resume_dir, config, skeleton, fingerprint,
+                     saved.get("data", {"global_batch": saved.get("global_batch")}))
+    run_lock = lock_output_dir(output_dir, accelerator)  # noqa: F841  (held, open, until the process ends)
+    if is_main:
+        remove_unfinished(checkpoints_dir)
+
     model = load_model(model_section, accelerator.device)
     attach(model, config.adapter_config())
     report = parameter_report(model)
@@ -240,20 +259,14 @@ def run(config: RecipeConfig) -> dict:
     use_deepspeed = accelerator.distributed_type == "DEEPSPEED"
     unwrapped = accelerator.unwrap_model(model)
 
-    stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
-                         config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
-                         pad_token_id)
-    fingerprint = data_fingerprint(config, stream)
-    start_step, tokens_seen, first_eval = 0, 0, None
+    start_step, tokens_seen, first_eval, eval_loss = 0, 0, None, None
     if resume_dir is not None:
-        saved = read_trainer_state(resume_dir)
-        # Checkpoints written before the data fingerprint existed record the global batch alone.
-        check_resumable(resume_dir, saved.get("data", {"global_batch": saved.get("global_batch")}), fingerprint)
         state = load_checkpoint(resume_dir, unwrapped, optimizer, scheduler, use_deepspeed)
-        start_step, tokens_seen, first_eval = state["step"], state["tokens_seen"], state.get("first_eval_loss")
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        first_eval, eval_loss = state.get("first_eval_loss"), state["eval_loss"]
         stream.seek(state["epoch"], state["step_in_epoch"])
 
-    log = RunLog(output_dir, config.log, config.to_dict(), enabled=is_main)
+    log = RunLog(output_dir, config.log, config.to_dict(), enabled=is_main, resumed_step=start_step or None)
     log.summary(report)
     if is_main:
         print(json.dumps({"parameters": report, "train_examples": len(data.train),
@@ -272,8 +285,20 @@ def run(config: RecipeConfig) -> dict:
         return mmlu_accuracy(model, tokenizer, mmlu_examples, config.mmlu.batch_size, config.mmlu.max_length,
                              accelerator)
 
+    def write_checkpoint(step: int, position: tuple[int, int], rng: dict, tokens: int) -> Path:
+        """checkpoints/step-N on rank 0 from the state gathered on all (a collective: every rank calls it)."""
+        directory = checkpoints_dir / f"step-{step}"
+        training_state = gather_training_state(unwrapped, optimizer, use_deepspeed)
+        if is_main:
+            trainer_state = {"step": step, "epoch": position[0], "step_in_epoch": position[1], "data": fingerprint,
+                             "tokens_seen": tokens, "eval_loss": eval_loss, "first_eval_loss": first_eval}
+            save_checkpoint(directory, unwrapped, training_state, scheduler, trainer_state, rng)
+            rotate_checkpoints(checkpoints_dir, train.save_total_limit)
+        accelerator.wait_for_everyone()
+        return directory
+
     if start_step == 0:
-        first_eval = evaluate_now()
+        first_eval = eval_loss = evaluate_now()
         log.log(0, {"eval_loss": first_eval, **(mmlu_now() if mmlu_examples and config.mmlu.at_start else {})})
     samples_before = []
     if train.sample_generations and data.validation:  # on every rank: under ZeRO-3 a forward is a collective
@@ -285,66 +310,97 @@ def run(config: RecipeConfig) -> dict:
     progress = tqdm(total=train.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     model.train()
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
-    eval_loss = first_eval if start_step == 0 else state["eval_loss"]
     step = start_step
+    nonfinite_steps, nonfinite_in_a_row = 0, 0
+    stop = StopSignals()
     # DDP and DeepSpeed average gradients over ranks, and DeepSpeed also divides each micro-batch's loss by its
     # accumulation count: undo both, so the step's gradient is that of the mean loss over its global tokens.
     gradient_scale = accelerator.num_processes * (train.grad_accum_steps if use_deepspeed else 1)
-    while step < train.max_steps:
-        micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in stream.next()]
-        local_counts = torch.tensor(
-            [sum(_label_tokens(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)],
-            device=accelerator.device,
-        )
-        global_counts = accelerator.reduce(local_counts, reduction="sum").tolist()
-        global_tokens = max(int(global_counts[0]), 1)
-        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for index, batch in enumerate(micro_batches):
-            with accumulation_context(accelerator, model, use_deepspeed, index == len(micro_batches) - 1):
-                loss_sum, _ = token_loss_sum(model, batch)
-                accelerator.backward(loss_sum * (gradient_scale / global_tokens))
-            step_loss += loss_sum.detach().double()
-        grad_norm = accelerator.clip_grad_norm_(parameters, train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_loss = accelerator.reduce(step_loss, reduction="sum").item() / global_tokens
-        window_loss += step_loss * global_tokens
-        window_tokens += global_tokens
-        tokens_seen += int(global_counts[1])
-        window_seen += int(global_counts[1])
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}")
+    try:
+        while step < train.max_steps:
+            position, rng = (stream.epoch, stream.index), capture_rng()  # the state a stop mid-step goes back to
+            micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in stream.next()]
+            local_counts = torch.tensor(
+                [sum(_label_tokens(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                device=accelerator.device,
+            )
+            global_counts = accelerator.reduce(local_counts, reduction="sum").tolist()
+            global_tokens = max(int(global_counts[0]), 1)
+            step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            stopping = nonfinite = False
+            for index, batch in enumerate(micro_batches):
+                with accumulation_context(accelerator, model, use_deepspeed, index == len(micro_batches) - 1):
+                    loss_sum, _ = token_loss_sum(model, batch)
+                    if armed("nan-loss", step + 1):
+                        loss_sum = loss_sum * float("nan")
+                    stopping, nonfinite = agreed_flags(accelerator, stop.received is not None,
+                                                       not bool(torch.isfinite(loss_sum)))
+                    if stopping or nonfinite:
+                        break
+                    accelerator.backward(loss_sum * (gradient_scale / global_tokens))
+                kill_if_armed("micro-batch", step + 1)
+                step_loss += loss_sum.detach().double()
+            if stopping:  # parameters are still those of the last completed step: checkpoint them and leave
+                optimizer.zero_grad(set_to_none=True)
+                directory = write_checkpoint(step, position, rng, tokens_seen)
+                log.close()
+                raise Preempted(stop.received or "a signal on another rank", step, directory)
+            grad_norm = float("nan") if nonfinite else float(accelerator.clip_grad_norm_(parameters, train.max_grad_norm))
+            nonfinite = nonfinite or not math.isfinite(grad_norm)
+            if nonfinite and use_deepspeed:
+                # DeepSpeed steps inside backward and counts micro-batches itself: a step cannot be skipped, only stopped.
+                raise NolaError(f"train: non-finite loss or gradient at step {step + 1} under DeepSpeed, which cannot skip "
+                                f"a step; the last good state is the newest checkpoint in {checkpoints_dir}")
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)  # skip the update, keep the schedule and the data moving
+                nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+            else:
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            tokens_seen += int(global_counts[1])
+            window_seen += int(global_counts[1])
+            if nonfinite:
+                log.log(step, {"nonfinite_step": 1, "nonfinite_steps": nonfinite_steps})
+                if nonfinite_in_a_row >= train.max_nonfinite_steps:
+                    directory = write_checkpoint(step, (stream.epoch, stream.index), capture_rng(), tokens_seen)
+                    raise NolaError(
+                        f"train: {nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or gradient "
+                        f"and were skipped; stopped with the last good state in {directory}: lower train.lr or check "
+                        f"the data (train.max_nonfinite_steps={train.max_nonfinite_steps})")
+            else:
+                step_loss = accelerator.reduce(step_loss, reduction="sum").item() / global_tokens
+                window_loss += step_loss * global_tokens
+                window_tokens += global_tokens
+                progress.set_postfix(loss=f"{step_loss:.4f}")
 
-        if step % train.logging_steps == 0 or step == train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            steps_in_window = (step - 1) % train.logging_steps + 1
-            log.log(step, {
-                "loss": window_loss / max(window_tokens, 1),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_seen / elapsed,
-                "seconds_per_step": elapsed / steps_in_window,
-                "peak_memory_mb": peak_memory_mb(accelerator.device),
-            })
-            window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
-        if step % train.eval_steps == 0 or step == train.max_steps:
-            eval_loss = evaluate_now()
-            log.log(step, {"eval_loss": eval_loss})
-        if step % train.save_steps == 0 or step == train.max_steps:
-            trainer_state = {"step": step, "epoch": stream.epoch, "step_in_epoch": stream.index,
-                             "data": fingerprint, "tokens_seen": tokens_seen, "eval_loss": eval_loss,
-                             "first_eval_loss": first_eval}
-            training_state = gather_training_state(unwrapped, optimizer, use_deepspeed)  # every rank: a collective
-            if is_main:
-                save_checkpoint(checkpoints_dir / f"step-{step}", unwrapped, training_state, scheduler, trainer_state)
-                rotate_checkpoints(checkpoints_dir, train.save_total_limit)
-            accelerator.wait_for_everyone()
-    progress.close()
+            if step % train.logging_steps == 0 or step == train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = (step - 1) % train.logging_steps + 1
+                log.log(step, {
+                    "loss": window_loss / window_tokens if window_tokens else float("nan"),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_seen / elapsed,
+                    "seconds_per_step": elapsed / steps_in_window,
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
+                })
+                window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
+            if step % train.eval_steps == 0 or step == train.max_steps:
+                eval_loss = evaluate_now()
+                log.log(step, {"eval_loss": eval_loss})
+            if step % train.save_steps == 0 or step == train.max_steps:
+                write_checkpoint(step, (stream.epoch, stream.index), capture_rng(), tokens_seen)
+    finally:  # also on the way out of an error: the progress bar must not print after it
+        progress.close()
+        stop.restore()
 
     summary = {"steps": step, "first_eval_loss": first_eval, "final_eval_loss": eval_loss,
-               "tokens_seen": tokens_seen, **report}
+               "tokens_seen": tokens_seen, "nonfinite_steps": nonfinite_steps, **report}
     if mmlu_examples:
         summary.update(mmlu_now())
         log.log(step, {key: summary[key] for key in ("mmlu_accuracy", "mmlu_examples")})

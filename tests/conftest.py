@@ -60,23 +60,29 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("nola-cache")
 
 
-def run_script(cache_dir, script: str, *arguments, launcher=(), check=True, timeout=900, stdin=None
-               ) -> subprocess.CompletedProcess:
+def script_environment(cache_dir, **extra: str) -> dict[str, str]:
+    """The environment our subprocesses run in: offline, quiet, the session's embedded-default cache."""
+    return {**os.environ, "NOLA_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def run_script(cache_dir, script: str, *arguments, launcher=(), check=True, timeout=900, stdin=None,
+               environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`SCRIPT ARGUMENTS` in a subprocess from the repository root (under `launcher`, e.g. accelerate launch
     options), offline, with the session's embedded-default cache."""
-    environment = {**os.environ, "NOLA_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-                   "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
     command = [*(launcher or [sys.executable]), script, *map(str, arguments)]
-    completed = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
-                               timeout=timeout, input=stdin)
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=script_environment(cache_dir, **(environment or {})),
+                               capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and completed.returncode != 0:
         raise AssertionError(f"{script} failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
     return completed
 
 
-def run_train(cache_dir, *arguments, launcher=(), check=True, timeout=900) -> subprocess.CompletedProcess:
-    """`train_llama.py ARGUMENTS` (see `run_script`)."""
-    return run_script(cache_dir, "train_llama.py", *arguments, launcher=launcher, check=check, timeout=timeout)
+def run_train(cache_dir, *arguments, launcher=(), check=True, timeout=900, **environment: str
+              ) -> subprocess.CompletedProcess:
+    """`train_llama.py ARGUMENTS` (see `run_script`), with extra environment variables."""
+    return run_script(cache_dir, "train_llama.py", *arguments, launcher=launcher, check=check, timeout=timeout,
+                      environment=environment)
 
 
 def metrics(output_dir: Path) -> list[dict]:

@@ -279,3 +279,14 @@ def test_merge_and_export_mistakes_are_one_line(cache_dir, embedded_adapter, tmp
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], completed.stderr[-2000:]
     assert not (tmp_path / "out").exists() and not (embedded_adapter / "export").exists()
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_an_index_naming_files_outside_the_checkpoint_is_refused(tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base, max_shard_size="40KB")
+    index = json.loads((base / INDEX_FILE).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../etc/passwd"
+    (base / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(nola.NolaError, match="shard name '../../etc/passwd' is not a file in"):
+        checkpoint_shards(base)

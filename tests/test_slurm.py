@@ -86,3 +86,24 @@ def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm,
     runs = sorted(p.name for p in (output / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-nola-{job}") for name in runs)
     assert json.loads((output / "run.json").read_text())["steps"] == 150
+
+
+def test_the_time_limit_signal_checkpoints_then_requeues_losing_no_step(slurm, tmp_path):
+    """SIGUSR1 to the batch shell, as `--signal=B:USR1@300` sends it before the time limit: the training processes
+    checkpoint their last completed step (no periodic checkpoint exists), the job requeues itself and resumes there."""
+    output, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm, "train_1node.sbatch", log, *TRAIN, "train.max_steps=150", "train.save_steps=1000",
+                 "train.logging_steps=1", f"train.output_dir={output}")
+    metrics = output / "metrics.jsonl"
+    wait_until(slurm, job, log, lambda: metrics.is_file() and '"step": 5,' in metrics.read_text())
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    wait_until(slurm, job, log, lambda: job_state(slurm, job) == "PENDING")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    wait_until(slurm, job, log, lambda: job_state(slurm, job) == "COMPLETED")
+    text = log.read_text()
+    assert "nola: time limit near: checkpointing, then requeueing" in text
+    resumed = re.findall(r'"resumed_from": "[^"]*/checkpoints/step-(\d+)"', text)
+    assert len(resumed) == 1 and 5 <= int(resumed[0]) < 150, "\n".join(l for l in text.splitlines() if "train:" not in l)[-4000:]
+    assert json.loads((output / "run.json").read_text())["steps"] == 150
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, 151)), "steps were lost or repeated across the requeue"

@@ -24,7 +24,12 @@ shift
 echo "nola: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $nodes node(s) x $per_node process(es)," \
      "main $main_address:$main_port, recipe $recipe $*"
 
-trap 'echo "nola: time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+# SIGUSR1 (the time limit is near) becomes SIGTERM for every process of the training step (scancel --signal
+# signals without terminating; a SIGTERM to srun itself would abort the step): the workers checkpoint their last
+# completed step and exit (code 75). The job is then requeued, and the restart resumes from that checkpoint.
+requeue=0
+trap 'requeue=1; echo "nola: time limit near: checkpointing, then requeueing job $SLURM_JOB_ID"
+      scancel --signal=TERM "$SLURM_JOB_ID.0" || true' USR1
 # Single quotes: each task reads its own SLURM_NODEID.
 # srun no longer inherits sbatch's --cpus-per-task (SLURM >= 22.05): pass it on, or the task gets one core.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} bash -c \
@@ -39,4 +44,7 @@ while :; do
   wait "$srun_pid" && status=0 || status=$?
   kill -0 "$srun_pid" 2>/dev/null || break
 done
+if [ "$requeue" = 1 ] || [ "$status" = 75 ]; then
+  scontrol requeue "$SLURM_JOB_ID"
+fi
 exit "$status"

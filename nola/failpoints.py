@@ -1,0 +1,30 @@
+"""Named points where a test can make a run fail the way real runs fail: killed outright (SIGKILL: no handler, no
+cleanup, like the OOM killer or a lost node) or fed a non-finite loss. Off unless NOLA_FAILPOINT names the point.
+
+    NOLA_FAILPOINT=checkpoint-write@4     SIGKILL half-way through writing the step-4 checkpoint
+    NOLA_FAILPOINT=micro-batch@5          SIGKILL after the first micro-batch's backward of step 5
+    NOLA_FAILPOINT=nan-loss@3,4           a NaN loss at steps 3 and 4
+
+Crash safety is only believable when tested at the worst moments, and those moments cannot be hit from outside
+the process reliably; hence hooks in the code, each a single environment lookup when unused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+VARIABLE = "NOLA_FAILPOINT"
+
+
+def armed(name: str, step: int) -> bool:
+    """Whether NOLA_FAILPOINT names `name` at this step."""
+    spec = os.environ.get(VARIABLE, "")
+    point, _, steps = spec.partition("@")
+    return point == name and str(step) in steps.split(",")
+
+
+def kill_if_armed(name: str, step: int) -> None:
+    """SIGKILL this process when armed: the hardest stop there is."""
+    if armed(name, step):
+        os.kill(os.getpid(), signal.SIGKILL)

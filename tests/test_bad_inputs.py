@@ -1,0 +1,173 @@
+"""Every user mistake gets one line: a table of bad inputs across recipes, overrides, data, checkpoints, adapters and
+the flags of every command, each run through the real entry point's main() and checked for exit code 2, a single
+`error:` line naming the problem and its place, no traceback, and nothing written.
+
+In-process (main(argv) with the session's embedded cache) rather than one subprocess per case: the same code path
+at a fraction of the start-up cost."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE, file_sha256
+from tests.conftest import REPO_ROOT, run_train, tiny_llama
+
+TINY = str(REPO_ROOT / "recipes" / "tiny.yaml")
+QUIET = ["train.sample_generations=0", "log.wandb_mode=disabled", "train.max_steps=2", "train.save_steps=2",
+         "train.eval_steps=2"]
+
+
+def entry_point(name: str):
+    """The main() of train_llama.py or scripts/<name>.py."""
+    path = REPO_ROOT / ("train_llama.py" if name == "train" else f"scripts/{name}.py")
+    spec = importlib.util.spec_from_file_location(f"entry_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def files(cache_dir, tmp_path_factory):
+    """The bad files the table refers to, and one good checkpoint and adapter to spoil."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    run = root / "good-run"
+    run_train(cache_dir, TINY, *QUIET, f"train.output_dir={run}")
+    write = {
+        "not_yaml.yaml": "train:\n  max_steps: 3\n   lr: [\n",
+        "a_list.yaml": "- train\n- model\n",
+        "typo.yaml": "train:\n  max_stpes: 3\n",
+        "wrong_type.yaml": "train:\n  max_steps: ten\n",
+        "broken.json": '[{"instruction": "a", "output": "b"},\n {"instruction": \n',
+        "no_output.json": json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]),
+        "numbers.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": 7, "output": "b"}\n',
+        "empty_outputs.json": json.dumps([{"instruction": f"q{i}", "output": ""} for i in range(300)]),
+        "data.csv": "instruction,output\na,b\n",
+        "bad_mmlu.json": json.dumps([{"input": "Q", "output": "E"}]),
+    }
+    for name, text in write.items():
+        (root / name).write_text(text)
+    (root / "no_config").mkdir()
+    (root / "not_a_checkpoint").mkdir()
+    damaged = root / "damaged"
+    shutil.copytree(run / "checkpoints" / "step-2", damaged)
+    (damaged / "optimizer.safetensors").write_bytes(b"garbage")
+    old_generator = root / "old-generator"
+    shutil.copytree(run / "adapter", old_generator)
+    description = json.loads((old_generator / CONFIG_FILE).read_text())
+    description["generator_version"] = "torch-manual-seed-v0"
+    (old_generator / CONFIG_FILE).write_text(json.dumps(description))
+    wrong_hash = root / "wrong-hash"
+    shutil.copytree(run / "adapter", wrong_hash)
+    (wrong_hash / WEIGHTS_FILE).write_bytes((wrong_hash / WEIGHTS_FILE).read_bytes()[:-8] + b"\0" * 8)
+    assert file_sha256(wrong_hash / WEIGHTS_FILE) != description["weights_sha256"]
+    tiny_llama().save_pretrained(root / "other-base")
+    escaping = root / "escaping"
+    shutil.copytree(run / "checkpoints" / "step-2", escaping)
+    manifest = json.loads((escaping / "manifest.json").read_text())
+    manifest["../../etc/hostname"] = {"bytes": 1, "sha256": "0"}
+    (escaping / "manifest.json").write_text(json.dumps(manifest))
+    return {"root": root, "run": run, "checkpoint": run / "checkpoints" / "step-2", "adapter": run / "adapter"}
+
+
+TRAIN_CASES = [
+    # recipe files
+    (["{root}/missing.yaml"], "missing.yaml: no such recipe file"),
+    (["{root}/not_yaml.yaml"], "not_yaml.yaml: line 3 not valid YAML"),
+    (["{root}/a_list.yaml"], "a_list.yaml: a recipe must be a mapping of sections"),
+    (["{root}/typo.yaml"], "unknown key 'train.max_stpes' (did you mean 'train.max_steps'?)"),
+    (["{root}/wrong_type.yaml"], "wrong_type.yaml: train.max_steps must be int, got 'ten'"),
+    # overrides
+    ([TINY, "max_steps"], "override 'max_steps': expected dotted.key=value"),
+    ([TINY, "trainer.lr=1"], "unknown key 'trainer.lr' (did you mean 'train.lr'?)"),
+    ([TINY, "train.lr=0"], "train.lr must be > 0, got 0.0"),
+    ([TINY, "train.lr=fast"], "train.lr must be float, got 'fast'"),
+    ([TINY, "adapter.rank=0"], "adapter.rank: must be an integer >= 1"),
+    ([TINY, "adapter.num_basis=0"], "adapter.num_basis: must be an integer >= 1"),
+    ([TINY, "adapter.method=vera"], "adapter.method: 'vera' is not one of nola, lora"),
+    ([TINY, "adapter.seed=3"], "adapter.seed is derived, not set: use train.seed"),
+    ([TINY, "data.source_max_len=0"], "data.source_max_len must be > 0"),
+    ([TINY, "data.target_max_len=-5"], "data.target_max_len must be > 0"),
+    ([TINY, "train.micro_batch_size=0"], "train.micro_batch_size must be >= 1"),
+    ([TINY, "train.max_nonfinite_steps=0"], "train.max_nonfinite_steps must be >= 1"),
+    ([TINY, "mmlu.shots=9"], "mmlu.shots must be in [0, 5]"),
+    ([TINY, "log.wandb_mode=cloud"], "log.wandb_mode must be one of 'offline', 'online', 'disabled'"),
+    # data
+    ([TINY, "data.path={root}/missing.json"], "data.path: no such data file"),
+    ([TINY, "data.path={root}/broken.json"], "broken.json: line 3: not valid JSON"),
+    ([TINY, "data.path={root}/no_output.json"], "no_output.json: record 2: missing key 'output'"),
+    ([TINY, "data.path={root}/numbers.jsonl"], "numbers.jsonl: line 2: 'instruction' must be a string, got int"),
+    ([TINY, "data.path={root}/empty_outputs.json"], "has no usable training record (300 read, 300 without a response"),
+    ([TINY, "data.path={root}/data.csv"], "data.csv: unsupported data file type '.csv'"),
+    ([TINY, "mmlu.path={root}/bad_mmlu.json"], "bad_mmlu.json: record 1: 'output' must be one of A, B, C, D"),
+    # model and adapter layout
+    ([TINY, "model.name_or_path={root}/missing-model"], "model.name_or_path: no such directory"),
+    ([TINY, "model.name_or_path={root}/no_config"], "no_config has no config.json (not a transformers checkpoint)"),
+    ([TINY, "adapter.target_modules=[attention]"], "adapter.target_modules: ['attention'] matches no Linear layer"),
+    # checkpoints
+    ([TINY, "train.resume_from={root}/nowhere"], "train.resume_from: '{root}/nowhere' is not 'auto', null or a"),
+    ([TINY, "train.resume_from={root}/not_a_checkpoint"], "not_a_checkpoint: not a checkpoint (manifest.json is"),
+    ([TINY, "train.resume_from={root}/damaged"], "damaged: checkpoint file optimizer.safetensors is missing or corr"),
+    ([TINY, "train.resume_from={root}/escaping"], "entry '../../etc/hostname' points outside the checkpoint"),
+    ([TINY, "train.resume_from={checkpoint}", "adapter.rank=4"], "was trained with adapter.rank=8, this recipe has 4"),
+    ([TINY, "train.resume_from={checkpoint}", "train.seed=1"], "was trained with train.seed=0, this recipe has 1"),
+    ([TINY, "train.resume_from={checkpoint}", "train.micro_batch_size=2"], "global_batch=8, this run has global_bat"),
+]
+
+SCRIPT_CASES = [
+    ("merge_and_export", ["--format", "hf", "--bits", "4"], "--bits: quantised coefficients are a nola-format option"),
+    ("merge_and_export", ["--format", "hf", "--adapter", "{root}/old-generator"], "basis generator 'torch-manual-"),
+    ("merge_and_export", ["--format", "hf", "--adapter", "{root}/wrong-hash"], "corrupted or truncated (SHA-256"),
+    ("merge_and_export", ["--format", "hf", "--base", "{root}/other-base"], "adapter is for another base model"),
+    ("merge_and_export", ["--format", "nola", "--out", "{adapter}"], "overlaps --adapter"),
+    ("merge_and_export", ["--format", "hf", "--check-prompts", "-1"], "--check-prompts: must be >= 0"),
+    ("generate", ["--prompts-file", "{root}/missing.txt"], "--prompts-file: no such file"),
+    ("generate", ["--prompt", "hi", "--top-p", "0"], "--top-p in (0, 1]"),
+    ("evaluate", ["--mmlu", "{root}/bad_mmlu.json"], "bad_mmlu.json: record 1: 'output' must be one of A, B, C, D"),
+    ("evaluate", ["--data", "{root}/missing.json"], "--data: no such file"),
+    ("evaluate", ["--data", "{root}/broken.json", "--out", "{root}/no/such/dir/x.json"], "--out: the directory of"),
+]
+
+
+def assert_one_line_error(code: int, stderr: str, message: str) -> None:
+    assert code == 2, stderr[-3000:]
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and message in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+assert len(TRAIN_CASES) + len(SCRIPT_CASES) >= 30  # the reliability issue's minimum
+
+
+@pytest.mark.parametrize("arguments, message", TRAIN_CASES, ids=[case[1][:40] for case in TRAIN_CASES])
+def test_bad_training_inputs(files, cache_dir, tmp_path, monkeypatch, capsys, arguments, message):
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+    fill = {"root": files["root"], "checkpoint": files["checkpoint"]}
+    output = tmp_path / "out"
+    argv = [a.format(**fill) for a in arguments] + [*QUIET, f"train.output_dir={output}"]
+    code = entry_point("train")(argv)
+    assert_one_line_error(code, capsys.readouterr().err, message.format(**fill))
+    assert not output.exists(), "a refused run wrote its output directory"
+
+
+@pytest.mark.parametrize("script, arguments, message", SCRIPT_CASES, ids=[case[2][:40] for case in SCRIPT_CASES])
+def test_bad_script_inputs(files, cache_dir, tmp_path, monkeypatch, capsys, script, arguments, message):
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+    fill = {"root": files["root"], "adapter": files["adapter"]}
+    given = [a.format(**fill) for a in arguments]
+    defaults = {"--base": "embedded:tiny-llama", "--adapter": str(files["adapter"])}
+    if script == "merge_and_export":
+        defaults["--out"] = str(tmp_path / "out")
+    for flag, value in defaults.items():
+        if flag not in given:
+            given += [flag, value]
+    before = sorted(str(p) for p in files["root"].rglob("*"))
+    code = entry_point(script)(given)
+    assert_one_line_error(code, capsys.readouterr().err, message)
+    assert not (tmp_path / "out").exists()
+    assert sorted(str(p) for p in files["root"].rglob("*")) == before, "a refused command wrote a file"
+
