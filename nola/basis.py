@@ -18,6 +18,8 @@ silently invalidates every saved adapter: tests pin golden checksums, and adapte
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
 GENERATOR_VERSION = "lowbias32-xor-v1"
@@ -71,8 +73,9 @@ def basis_keys(seed: int, stream: int, basis_indices: torch.Tensor) -> torch.Ten
     return _lowbias32_(keys, torch.empty_like(keys))
 
 
-def _fill_unit_uniform(keys: torch.Tensor, numel: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Write the basis rows for `keys` (count,) into `out` (count, numel) float32, using `scratch` as int32 work space.
+def _fill_codes(keys: torch.Tensor, numel: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Write the 24-bit codes of the basis rows for `keys` (count,) into `out` (count, numel) as float32 integers
+    in [0, 2^24) (exact), using `scratch` as int32 work space. The basis value is code·2^-23 - 1.
 
     `out` and `scratch` each hold count * numel 4-byte words: those two buffers are the whole working memory.
     """
@@ -83,8 +86,12 @@ def _fill_unit_uniform(keys: torch.Tensor, numel: int, out: torch.Tensor, scratc
     _lowbias32_(hashed, spare)
     hashed.bitwise_right_shift_(8)
     hashed.bitwise_and_(0xFFFFFF)
-    out.copy_(hashed)
-    return out.mul_(_TO_UNIT).sub_(1.0)
+    return out.copy_(hashed)
+
+
+def _fill_unit_uniform(keys: torch.Tensor, numel: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """The basis values themselves (see `_fill_codes` for the buffers): uniform in [-1, 1), float32."""
+    return _fill_codes(keys, numel, out, scratch).mul_(_TO_UNIT).sub_(1.0)
 
 
 def generate_basis(
@@ -113,6 +120,21 @@ def basis_rows_per_chunk(numel: int, dtype: torch.dtype, chunk_bytes: int) -> in
     return max(1, chunk_bytes // bytes_per_row)
 
 
+def _iter_chunks(
+    seed: int, stream: int, num_basis: int, numel: int, dtype: torch.dtype, device: torch.device, chunk_bytes: int,
+    fill: Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, rows) chunk after chunk, rows written by `fill` (values or codes) into two reused work buffers."""
+    rows_per_chunk = min(num_basis, basis_rows_per_chunk(numel, dtype, chunk_bytes))
+    out = torch.empty(rows_per_chunk, numel, dtype=torch.float32, device=device)
+    scratch = torch.empty(rows_per_chunk, numel, dtype=torch.int32, device=device)
+    for start in range(0, num_basis, rows_per_chunk):
+        count = min(rows_per_chunk, num_basis - start)
+        keys = basis_keys(seed, stream, torch.arange(start, start + count, device=device))
+        rows = fill(keys, numel, out[:count], scratch[:count])
+        yield start, rows if dtype == torch.float32 else rows.to(dtype)
+
+
 def iter_basis_chunks(
     seed: int,
     stream: int,
@@ -127,26 +149,23 @@ def iter_basis_chunks(
     The two work buffers are allocated once and reused for every chunk, so peak memory stays at one chunk; a
     yielded `rows` tensor is therefore only valid until the next iteration.
     """
-    rows_per_chunk = min(num_basis, basis_rows_per_chunk(numel, dtype, chunk_bytes))
-    out = torch.empty(rows_per_chunk, numel, dtype=torch.float32, device=device)
-    scratch = torch.empty(rows_per_chunk, numel, dtype=torch.int32, device=device)
-    for start in range(0, num_basis, rows_per_chunk):
-        count = min(rows_per_chunk, num_basis - start)
-        keys = basis_keys(seed, stream, torch.arange(start, start + count, device=device))
-        rows = _fill_unit_uniform(keys, numel, out[:count], scratch[:count])
-        yield start, rows if dtype == torch.float32 else rows.to(dtype)
+    yield from _iter_chunks(seed, stream, num_basis, numel, dtype, device, chunk_bytes, _fill_unit_uniform)
 
 
 def combine_basis(
     coefficients: torch.Tensor, seed: int, stream: int, numel: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> torch.Tensor:
-    """Σᵢ coefficients[i] · basis_i as a flat (numel,) tensor in the coefficients' dtype and device."""
+    """Σᵢ coefficients[i] · basis_i as a flat (numel,) tensor in the coefficients' dtype and device.
+
+    The eager path: chunks of codes contracted with coefficients·2^-23, minus Σ coefficients once at the end (the
+    value map code·2^-23 - 1 folded into the contraction saves two passes over every chunk).
+    """
+    scaled = coefficients * _TO_UNIT
     result = torch.zeros(numel, dtype=coefficients.dtype, device=coefficients.device)
-    for start, rows in iter_basis_chunks(
-        seed, stream, coefficients.numel(), numel, coefficients.dtype, coefficients.device, chunk_bytes
-    ):
-        result.addmv_(rows.t(), coefficients[start : start + rows.shape[0]])
-    return result
+    for start, codes in _iter_chunks(seed, stream, coefficients.numel(), numel, coefficients.dtype,
+                                     coefficients.device, chunk_bytes, _fill_codes):
+        result.addmv_(codes.t(), scaled[start : start + codes.shape[0]])
+    return result.sub_(coefficients.sum())
 
 
 def project_onto_basis(
@@ -155,9 +174,10 @@ def project_onto_basis(
     """⟨gradient, basis_i⟩ for every basis row i: the transpose of `combine_basis`, used by its backward."""
     flat = gradient.reshape(-1)
     result = torch.empty(num_basis, dtype=flat.dtype, device=flat.device)
-    for start, rows in iter_basis_chunks(seed, stream, num_basis, flat.numel(), flat.dtype, flat.device, chunk_bytes):
-        torch.mv(rows, flat, out=result[start : start + rows.shape[0]])
-    return result
+    for start, codes in _iter_chunks(seed, stream, num_basis, flat.numel(), flat.dtype, flat.device, chunk_bytes,
+                                     _fill_codes):
+        torch.mv(codes, flat, out=result[start : start + codes.shape[0]])
+    return result.mul_(_TO_UNIT).sub_(flat.sum())
 
 
 def reference_value(seed: int, stream: int, basis_index: int, element_index: int) -> float:

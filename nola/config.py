@@ -69,6 +69,7 @@ class TrainSection:
     sample_generations: int = 3
     max_new_tokens: int = 48
     max_nonfinite_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient (skipped) before the run stops
+    deferred_projection: bool = True  # NOLA: project gradients onto the bases once per step, not per micro-batch
 
 
 @dataclass

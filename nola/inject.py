@@ -130,6 +130,36 @@ def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
             yield name, module
 
 
+def _nola_layers(model: nn.Module) -> list[AdaptedLinear]:
+    return [module for _, module in adapted_modules(model) if module.method == "nola"]
+
+
+def set_deferred_projection(model: nn.Module, enabled: bool) -> int:
+    """Opt in (or out) of deferred backward projection for every NOLA layer; returns how many layers it covers.
+
+    Deferred, `backward()` leaves the coefficient gradients in A and B, summed over micro-batches, and
+    `project_deferred_gradients(model)` must run before the optimizer reads `.grad`: one basis pass per step
+    instead of one per micro-batch. Only for a loop that calls it, so it is off unless asked for.
+    """
+    layers = _nola_layers(model)
+    for layer in layers:
+        layer.materialized.deferred = enabled
+    return len(layers)
+
+
+def project_deferred_gradients(model: nn.Module) -> None:
+    """Add the gradients accumulated on A and B since the last call to the coefficients' `.grad` (deferred mode)."""
+    pairs = [pair for layer in _nola_layers(model) for pair in layer.materialized.take_deferred()]
+    if pairs:
+        torch.autograd.backward([values for values, _ in pairs], [gradient for _, gradient in pairs])
+
+
+def discard_deferred_gradients(model: nn.Module) -> None:
+    """Forget gradients accumulated on A and B (a step that is skipped or abandoned)."""
+    for layer in _nola_layers(model):
+        layer.materialized.discard_deferred()
+
+
 def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     """{adapted module name: [out_features, in_features]}: what an adapter needs of its base model."""
     return {name: [m.out_features, m.in_features] for name, m in adapted_modules(model)}

@@ -6,8 +6,9 @@ method "nola":  A = A0 + Σᵢ αᵢ·Uᵢ/√k_A  (r × in),   B = Σⱼ βⱼ�
 method "lora":  A, B plain trainable matrices (the baseline, initialised like LoRA: A from the same seeded A0, B = 0)
 
 A0 is the frozen kaiming-uniform matrix LoRA would start from, regenerated from the seed; α = β = 0 at start, so
-the adapted layer equals the base layer exactly until the first update. Only α and β are parameters: the bases and
-A0 are regenerated in every forward and backward and never stored.
+the adapted layer equals the base layer exactly until the first update. Only α and β are parameters: the bases are
+never stored. A and B are materialised once per coefficient values and reused by every forward until the
+coefficients change (nola/matrices.py), so a step pays for one forward basis pass whatever its micro-batches.
 
 Coefficients are float32 whatever the base dtype (bf16 coefficients round small updates away), float64 when the base
 is float64 so that exactness can be checked.
@@ -15,14 +16,11 @@ is float64 so that exactness can be checked.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from nola.adapter_config import AdapterConfig
-from nola.autograd import basis_combination
-from nola.basis import STREAM_A, STREAM_A0, STREAM_B, generate_basis
+from nola.matrices import MaterializedMatrices, initial_a
 from nola.quant import fake_quantize
 
 
@@ -38,26 +36,6 @@ def base_layer_types() -> tuple[type, ...]:
 def coefficient_dtype(base_layer: nn.Module) -> torch.dtype:
     """float64 for a float64 base (exactness checks), float32 otherwise (including bf16 and 4-bit bases)."""
     return torch.float64 if base_layer.weight.dtype == torch.float64 else torch.float32
-
-
-def initial_a(seed: int, rank: int, in_features: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The frozen A0 (r × in): uniform in ±1/√in, the bound of kaiming_uniform_(a=√5) that LoRA uses."""
-    unit = generate_basis(seed, STREAM_A0, 0, 1, rank * in_features, device).view(rank, in_features)
-    return unit.to(dtype) * (1.0 / math.sqrt(in_features))
-
-
-def nola_matrices(
-    alphas: torch.Tensor, betas: torch.Tensor, seed: int, rank: int, in_features: int, out_features: int,
-    chunk_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = A0 + Σᵢ αᵢUᵢ/√k_A (r × in) and B = Σⱼ βⱼVⱼ/√k_B (out × r): a pure function of the coefficients and the
-    module's seed and shape, so merge and export compute the very matrices training used without a model."""
-    alphas = alphas * (1.0 / math.sqrt(alphas.numel()))
-    betas = betas * (1.0 / math.sqrt(betas.numel()))
-    a0 = initial_a(seed, rank, in_features, alphas.dtype, alphas.device)
-    a = a0 + basis_combination(alphas, seed, STREAM_A, a0.numel(), chunk_bytes).view_as(a0)
-    b = basis_combination(betas, seed, STREAM_B, out_features * rank, chunk_bytes)
-    return a, b.view(out_features, rank)
 
 
 class AdaptedLinear(nn.Module):
@@ -80,6 +58,8 @@ class AdaptedLinear(nn.Module):
         if self.method == "nola":
             self.coefficients_a = nn.Parameter(torch.zeros(config.basis_size_a, dtype=dtype, device=device))
             self.coefficients_b = nn.Parameter(torch.zeros(config.basis_size_b, dtype=dtype, device=device))
+            self.materialized = MaterializedMatrices(seed, self.rank, self.in_features, self.out_features,
+                                                     self.chunk_bytes)
         else:
             lora_a = torch.empty(self.rank, self.in_features, dtype=dtype, device=device)
             if device.type != "meta":
@@ -101,8 +81,8 @@ class AdaptedLinear(nn.Module):
         """(A, B) in the coefficient dtype, differentiable with respect to the trainable tensors."""
         if self.method == "lora":
             return self.lora_a, self.lora_b
-        return nola_matrices(self._coefficients(self.coefficients_a), self._coefficients(self.coefficients_b),
-                             self.seed, self.rank, self.in_features, self.out_features, self.chunk_bytes)
+        return self.materialized.matrices(self._coefficients(self.coefficients_a),
+                                          self._coefficients(self.coefficients_b))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

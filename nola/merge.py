@@ -29,7 +29,7 @@ from nola.adapter_io import (
 )
 from nola.errors import NolaError
 from nola.inject import EMBEDDING_SAMPLE_COLUMNS, embedding_sample_rows
-from nola.layers import nola_matrices
+from nola.matrices import nola_matrices
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

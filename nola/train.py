@@ -38,7 +38,14 @@ from nola.data import batch_schedule, collate, load_records, prepare_data
 from nola.errors import NolaError
 from nola.evaluation import evaluate, token_loss_sum
 from nola.failpoints import armed, kill_if_armed
-from nola.inject import attach, parameter_report
+from nola.fused import requested_backend
+from nola.inject import (
+    attach,
+    discard_deferred_gradients,
+    parameter_report,
+    project_deferred_gradients,
+    set_deferred_projection,
+)
 from nola.mmlu import load_mmlu, mmlu_accuracy
 from nola.modeling import check_model_source, load_model, load_tokenizer
 from nola.preflight import check_architecture, check_data, check_resume, lock_output_dir
@@ -113,13 +120,40 @@ def make_accelerator(config: RecipeConfig):
                        gradient_accumulation_steps=config.train.grad_accum_steps)
 
 
-def accumulation_context(accelerator, model, use_deepspeed: bool, last_micro_batch: bool):
+def accumulation_context(accelerator, model, use_deepspeed: bool, deferred: bool, last_micro_batch: bool):
     """Gradients are reduced across ranks on a step's last micro-batch only. DeepSpeed decides its optimizer step
     from accelerate's sync flag, which `accumulate` sets on every grad_accum_steps-th call (left alone, the flag stays
-    on and DeepSpeed would step after every micro-batch); DDP skips the all-reduce under `no_sync`."""
+    on and DeepSpeed would step after every micro-batch); DDP skips the all-reduce under `no_sync`. With deferred
+    projection the coefficient gradients only exist after `project_deferred_gradients`, so DDP never syncs and
+    `average_gradients` reduces them instead."""
     if use_deepspeed:
         return accelerator.accumulate(model)
-    return nullcontext() if last_micro_batch else accelerator.no_sync(model)
+    return nullcontext() if last_micro_batch and not deferred else accelerator.no_sync(model)
+
+
+def use_deferred_projection(config: RecipeConfig, model, use_deepspeed: bool, is_main: bool) -> bool:
+    """Turn on deferred projection for the NOLA layers when the recipe asks and the loop owns the backward. DeepSpeed
+    runs backward and the optimizer step inside its engine, with no point between them to project: there the layers
+    keep projecting per micro-batch, and the log says so."""
+    if not config.train.deferred_projection or config.adapter.method != "nola":
+        return False
+    if use_deepspeed:
+        if is_main:
+            print("nola: train.deferred_projection is not available under DeepSpeed (its engine owns backward and "
+                  "step): projecting NOLA gradients per micro-batch")
+        return False
+    return set_deferred_projection(model, True) > 0
+
+
+def average_gradients(accelerator, parameters: list[torch.Tensor]) -> None:
+    """Average `.grad` over ranks in one all-reduce, as DDP would: for the deferred path, whose coefficient gradients
+    appear after backward. A NOLA adapter's gradients are kilobytes, far less traffic than LoRA's."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
+    flat = accelerator.reduce(flat, reduction="mean")
+    for parameter, gradient in zip(parameters, flat.split([p.numel() for p in parameters])):
+        parameter.grad = gradient.view_as(parameter)
 
 
 def make_optimizer(parameters, config: RecipeConfig) -> torch.optim.Optimizer:
@@ -221,6 +255,7 @@ def run(config: RecipeConfig) -> dict:
     resume_dir = resolve_resume(config, checkpoints_dir, accelerator)
 
     # Everything that can be checked before a weight is loaded, and before anything is written.
+    requested_backend()
     if not config.model.name_or_path.startswith(embedded.PREFIX):
         check_model_source(config.model.name_or_path)
     with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
@@ -258,6 +293,7 @@ def run(config: RecipeConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     use_deepspeed = accelerator.distributed_type == "DEEPSPEED"
     unwrapped = accelerator.unwrap_model(model)
+    deferred = use_deferred_projection(config, unwrapped, use_deepspeed, is_main)
 
     start_step, tokens_seen, first_eval, eval_loss = 0, 0, None, None
     if resume_dir is not None:
@@ -273,7 +309,7 @@ def run(config: RecipeConfig) -> dict:
                           "validation_examples": len(data.validation), "dropped_records": data.dropped,
                           "resumed_from": str(resume_dir) if resume_dir else None,
                           "distributed_type": str(accelerator.distributed_type), "processes": accelerator.num_processes,
-                          "device": str(accelerator.device)}))
+                          "device": str(accelerator.device), "deferred_projection": deferred}))
 
     def evaluate_now() -> float:
         if not data.validation:
@@ -329,7 +365,7 @@ def run(config: RecipeConfig) -> dict:
             step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             stopping = nonfinite = False
             for index, batch in enumerate(micro_batches):
-                with accumulation_context(accelerator, model, use_deepspeed, index == len(micro_batches) - 1):
+                with accumulation_context(accelerator, model, use_deepspeed, deferred, index == len(micro_batches) - 1):
                     loss_sum, _ = token_loss_sum(model, batch)
                     if armed("nan-loss", step + 1):
                         loss_sum = loss_sum * float("nan")
@@ -340,6 +376,11 @@ def run(config: RecipeConfig) -> dict:
                     accelerator.backward(loss_sum * (gradient_scale / global_tokens))
                 kill_if_armed("micro-batch", step + 1)
                 step_loss += loss_sum.detach().double()
+            if deferred and not (stopping or nonfinite):
+                project_deferred_gradients(unwrapped)
+                average_gradients(accelerator, parameters)
+            elif deferred:
+                discard_deferred_gradients(unwrapped)
             if stopping:  # parameters are still those of the last completed step: checkpoint them and leave
                 optimizer.zero_grad(set_to_none=True)
                 directory = write_checkpoint(step, position, rng, tokens_seen)

@@ -93,6 +93,7 @@ TRAIN_CASES = [
     ([TINY, "data.target_max_len=-5"], "data.target_max_len must be > 0"),
     ([TINY, "train.micro_batch_size=0"], "train.micro_batch_size must be >= 1"),
     ([TINY, "train.max_nonfinite_steps=0"], "train.max_nonfinite_steps must be >= 1"),
+    ([TINY, "train.deferred_projection=maybe"], "train.deferred_projection must be bool, got 'maybe'"),
     ([TINY, "mmlu.shots=9"], "mmlu.shots must be in [0, 5]"),
     ([TINY, "log.wandb_mode=cloud"], "log.wandb_mode must be one of 'offline', 'online', 'disabled'"),
     # data
@@ -152,6 +153,16 @@ def test_bad_training_inputs(files, cache_dir, tmp_path, monkeypatch, capsys, ar
     code = entry_point("train")(argv)
     assert_one_line_error(code, capsys.readouterr().err, message.format(**fill))
     assert not output.exists(), "a refused run wrote its output directory"
+
+
+def test_an_unknown_basis_backend_is_refused_before_anything_loads(cache_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("NOLA_BASIS_BACKEND", "cuda")
+    output = tmp_path / "out"
+    code = entry_point("train")([TINY, *QUIET, f"train.output_dir={output}"])
+    assert_one_line_error(code, capsys.readouterr().err,
+                          "NOLA_BASIS_BACKEND='cuda': expected one of auto, compiled, eager")
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("script, arguments, message", SCRIPT_CASES, ids=[case[2][:40] for case in SCRIPT_CASES])

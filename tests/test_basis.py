@@ -169,7 +169,7 @@ def test_golden_checksums_pin_the_generator():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CPU/CUDA identity is checked on GPU")
 def test_a_cuda_device_generates_the_same_bits_and_matrices_as_the_cpu():
     """What lets a GPU-trained adapter merge on a CPU: the same basis, golden values and materialised A, B."""
-    from nola.layers import nola_matrices
+    from nola.matrices import nola_matrices
 
     cuda = torch.device("cuda")
     for (seed, stream, start, count, numel), expected in GOLDEN.items():

@@ -61,6 +61,10 @@ def test_two_processes_train_like_one(cache_dir, single, tmp_path, engine):
                           f"train.output_dir={output}", launcher=accelerate(*TWO_PROCESSES[engine]))
     expected_type = "DEEPSPEED" if engine.startswith("zero") else "MULTI_CPU"
     assert f'"distributed_type": "DistributedType.{expected_type}", "processes": 2' in completed.stdout
+    # The recipe asks for deferred projection; DeepSpeed owns the backward, so it falls back and says so.
+    deferred = not engine.startswith("zero")
+    assert f'"deferred_projection": {str(deferred).lower()}' in completed.stdout
+    assert ("train.deferred_projection is not available under DeepSpeed" in completed.stdout) is not deferred
     assert_same_adapter(adapter(output), adapter(single))
     ours, reference = metrics(output), metrics(single)
     # Rank 0 alone logs: the same records as the one-process run, each once, with the same losses.
@@ -71,6 +75,17 @@ def test_two_processes_train_like_one(cache_dir, single, tmp_path, engine):
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (key, mine["step"])
     assert completed.stdout.count("generations after training") == 1
     assert len(list((output / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_projecting_per_micro_batch_trains_like_deferred(cache_dir, single, tmp_path):
+    """The deferred path (the one-process reference and DDP above) against the per-micro-batch path, on 2 DDP
+    processes accumulating 2 micro-batches: the coefficient gradients agree to float rounding, so the adapters do."""
+    output = tmp_path / "per-micro-batch"
+    completed = run_train(cache_dir, *COMMON, "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                          "train.deferred_projection=false", f"train.output_dir={output}",
+                          launcher=accelerate(*TWO_PROCESSES["ddp"]))
+    assert '"deferred_projection": false' in completed.stdout
+    assert_same_adapter(adapter(output), adapter(single))
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])

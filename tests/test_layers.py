@@ -101,6 +101,28 @@ def test_four_bit_base_layer_trains_coefficients():
     assert layer.coefficients_b.grad.abs().sum() > 0
 
 
+def test_coefficients_and_their_optimizer_state_stay_float32_on_a_bf16_base():
+    """bf16 has 8 mantissa bits: an update below 2^-8 of a coefficient would round away. Coefficients, their
+    gradients and AdamW's moments are float32 whatever the base, while A and B meet bf16 activations in bf16."""
+    layer = AdaptedLinear(nn.Linear(64, 32, dtype=torch.bfloat16), AdapterConfig(rank=4, num_basis=16), seed=9)
+    for parameter in layer.base_layer.parameters():
+        parameter.requires_grad_(False)
+    optimizer = torch.optim.AdamW([layer.coefficients_a, layer.coefficients_b], lr=1e-6)
+    with torch.no_grad():
+        layer.coefficients_a.fill_(1.0)
+        layer.coefficients_b.fill_(1.0)
+    before = layer.coefficients_a.detach().clone()
+    output = layer(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert output.dtype == torch.bfloat16
+    output.float().pow(2).sum().backward()
+    optimizer.step()
+    assert layer.coefficients_a.grad.dtype == torch.float32
+    assert all(state.dtype == torch.float32 for group in optimizer.state.values() for state in group.values()
+               if state.dim() > 0)
+    change = (layer.coefficients_a.detach() - before).abs()
+    assert 0 < change.min() and change.max() < 2e-6  # updates of ~lr, which bf16 (spacing 2^-7 at 1) would lose
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_quantised_coefficients_use_straight_through_gradients_and_pack_exactly(bits):
     values = torch.randn(1000, requires_grad=True)

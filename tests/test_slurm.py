@@ -56,6 +56,21 @@ def wait_until(environment, job: str, log, done, timeout: float = 600) -> None:
         time.sleep(0.3)
 
 
+def start_requeued_job(environment, job: str, log) -> None:
+    """SLURM holds a requeued job back for a while before it is eligible again, which also gives the node time to
+    finish tearing down the previous run. Let it start at once, but only after that teardown: a job started on a
+    node still completing its previous instance fails to launch (seen in CI as FAILED with no restart output)."""
+    wait_until(environment, job, log, lambda: job_state(environment, job) == "PENDING")
+    wait_until(environment, job, log, lambda: node_state(environment) == "idle")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=environment, check=True)
+
+
+def node_state(environment) -> str:
+    """The one node's short state: idle, alloc, mix, comp (still completing a job), ..."""
+    shown = subprocess.run(["sinfo", "-h", "-o", "%t"], env=environment, capture_output=True, text=True).stdout
+    return shown.strip().rstrip("*~#")
+
+
 @pytest.mark.parametrize("script", ["train_1node.sbatch", "train_multinode.sbatch"])
 def test_a_job_trains_and_writes_its_adapter(slurm, tmp_path, script):
     output, log = tmp_path / "run", tmp_path / "job.out"
@@ -75,9 +90,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm,
                  f"train.output_dir={output}")
     wait_until(slurm, job, log, lambda: (output / "checkpoints" / "step-10").is_dir())
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)  # preempted mid-run, as a scheduler would
-    # SLURM holds a requeued job back for a while before it is eligible again; let it start as soon as it is pending.
-    wait_until(slurm, job, log, lambda: job_state(slurm, job) == "PENDING")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    start_requeued_job(slurm, job, log)
     wait_until(slurm, job, log, lambda: job_state(slurm, job) == "COMPLETED")
     text = log.read_text()
     assert f"nola: job {job} (restart 1)" in text
@@ -97,8 +110,7 @@ def test_the_time_limit_signal_checkpoints_then_requeues_losing_no_step(slurm, t
     metrics = output / "metrics.jsonl"
     wait_until(slurm, job, log, lambda: metrics.is_file() and '"step": 5,' in metrics.read_text())
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-    wait_until(slurm, job, log, lambda: job_state(slurm, job) == "PENDING")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    start_requeued_job(slurm, job, log)
     wait_until(slurm, job, log, lambda: job_state(slurm, job) == "COMPLETED")
     text = log.read_text()
     assert "nola: time limit near: checkpointing, then requeueing" in text
