@@ -14,7 +14,13 @@ SHAPES = [(7, 23), (128, 4096), (33, 11008 + 5)]  # odd sizes: k not a power of 
 
 @pytest.fixture
 def compiled(monkeypatch):
+    """The compiled backend, strictly (no fallback). Without a working torch.compile (no C++ compiler) there is
+    nothing to compare: skip, naming why."""
     monkeypatch.setenv("NOLA_BASIS_BACKEND", "compiled")
+    try:
+        fused.combine(torch.ones(2), 1, STREAM_A, 16, 1 << 20)
+    except Exception as error:  # inductor signals a missing toolchain with many exception types
+        pytest.skip(f"torch.compile does not work here ({type(error).__name__}: {str(error)[:200]})")
 
 
 @pytest.mark.parametrize("num_basis, numel", SHAPES)
