@@ -57,11 +57,13 @@ def wait_until(environment, job: str, log, done, timeout: float = 600) -> None:
 
 
 def start_requeued_job(environment, job: str, log) -> None:
-    """SLURM holds a requeued job back for a while before it is eligible again, which also gives the node time to
-    finish tearing down the previous run. Let it start at once, but only after that teardown: a job started on a
-    node still completing its previous instance fails to launch (seen in CI as FAILED with no restart output)."""
+    """SLURM holds a requeued job back for a while before it is eligible again; let it start sooner, but safely.
+    Started at once, it fails (seen in CI: FAILED, no restart output; slurmctld.log: "Killing non-startable batch
+    JobId=N: Job credential revoked"): slurmd refuses a launch whose credential is not newer, at 1 s resolution,
+    than the revocation of the previous instance's. So: pending, the node idle again, 2 s, then start."""
     wait_until(environment, job, log, lambda: job_state(environment, job) == "PENDING")
     wait_until(environment, job, log, lambda: node_state(environment) == "idle")
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=environment, check=True)
 
 
