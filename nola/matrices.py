@@ -35,14 +35,20 @@ def initial_a(seed: int, rank: int, in_features: int, dtype: torch.dtype, device
     return unit.to(dtype) * (1.0 / math.sqrt(in_features))
 
 
+def basis_scale(coefficients: torch.Tensor) -> float:
+    """1/√k: the basis term's scale. One definition, because the cached forward (`nola_matrices`) and both
+    backward paths (`reused_combination`, `take_deferred`) must agree on it or the gradients are silently wrong."""
+    return 1.0 / math.sqrt(coefficients.numel())
+
+
 def nola_matrices(
     alphas: torch.Tensor, betas: torch.Tensor, seed: int, rank: int, in_features: int, out_features: int,
     chunk_bytes: int, a0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A (r × in) and B (out × r): a pure function of the coefficients and the module's seed and shape, so merge
     and export compute the very matrices training used without a model. `a0`: `initial_a`, when already at hand."""
-    alphas = alphas * (1.0 / math.sqrt(alphas.numel()))
-    betas = betas * (1.0 / math.sqrt(betas.numel()))
+    alphas = alphas * basis_scale(alphas)
+    betas = betas * basis_scale(betas)
     if a0 is None:
         a0 = initial_a(seed, rank, in_features, alphas.dtype, alphas.device)
     a = a0 + basis_combination(alphas, seed, STREAM_A, a0.numel(), chunk_bytes).view_as(a0)
@@ -79,12 +85,8 @@ class MaterializedMatrices:
                 self._leaves = (a.detach().requires_grad_(), b.detach().requires_grad_())
             self._coefficients = (alphas, betas)
             return self._leaves
-        return (reused_combination(alphas, a, self.seed, STREAM_A, self._scale(alphas), self.chunk_bytes),
-                reused_combination(betas, b, self.seed, STREAM_B, self._scale(betas), self.chunk_bytes))
-
-    @staticmethod
-    def _scale(coefficients: torch.Tensor) -> float:
-        return 1.0 / math.sqrt(coefficients.numel())
+        return (reused_combination(alphas, a, self.seed, STREAM_A, basis_scale(alphas), self.chunk_bytes),
+                reused_combination(betas, b, self.seed, STREAM_B, basis_scale(betas), self.chunk_bytes))
 
     def take_deferred(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(coefficients as the forward used them, ∂L/∂ those) from the gradients accumulated on A and B since the
@@ -96,7 +98,7 @@ class MaterializedMatrices:
         for leaf, values, stream in zip(self._leaves, self._coefficients, (STREAM_A, STREAM_B)):
             if leaf.grad is not None and values.requires_grad:
                 gradient = project(leaf.grad, self.seed, stream, values.numel(), self.chunk_bytes)
-                pairs.append((values, gradient * self._scale(values)))
+                pairs.append((values, gradient * basis_scale(values)))
             leaf.grad = None
         self._coefficients = None
         return pairs
