@@ -1,6 +1,6 @@
 """Fine-tune a LLaMA with NOLA (or LoRA) adapters from a YAML recipe.
 
-    python train_llama.py RECIPE.yaml [dotted.key=value ...] [--dry-run]
+    python train_llama.py RECIPE.yaml [dotted.key=value ...] [--dry-run]   (flags may stand anywhere)
     accelerate launch train_llama.py recipes/70b.yaml train.max_steps=20
 
 Same command under `python`, `accelerate launch` and `torchrun`. A mistake in the recipe, overrides, data or
@@ -20,10 +20,14 @@ from nola.cli import run_command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=20")
+    # default=[]: without one, intermixed parsing reports a missing recipe as "required: recipe, overrides".
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted.key=value overrides, e.g. train.max_steps=20")
     parser.add_argument("--dry-run", action="store_true",
                         help="build on the meta device, print parameter counts and a memory estimate as JSON")
-    args = parser.parse_args(argv)
+    # Intermixed: `--dry-run` may stand before, between or after the overrides (plain parse_args stops the
+    # overrides at the first flag and rejects the rest as unrecognized).
+    args = parser.parse_intermixed_args(argv)
 
     def train() -> None:
         from nola.config import load_recipe

@@ -80,7 +80,7 @@ class Variant:
         self.autocast = dtype == "nf4"  # bf16 compute, as the 4-bit recipes run (train.mixed_precision: bf16)
         section = ModelSection(name_or_path=str(model_dir), load_in_4bit=dtype == "nf4", compute_dtype="bfloat16",
                                torch_dtype="float32", gradient_checkpointing=checkpointing)
-        model = load_model(section, torch.device("cpu"))
+        model = load_model(section, torch.device("cpu"), "bf16" if self.autocast else "no")
         self.deferred = False
         if spec["kind"] in ("nola", "lora"):
             rank = spec.get("rank", 8)

@@ -14,11 +14,15 @@ never half of one.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +69,54 @@ def _fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+# errno values that mean "this kernel, C library or filesystem cannot exchange" rather than "this exchange failed".
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2():
+    """glibc's renameat2 (2.28 and later) on Linux, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing directory entries in one atomic step (Linux renameat2 with RENAME_EXCHANGE): True when
+    done, False where the kernel, C library or filesystem cannot (then nothing was changed); other errors raise."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in _NO_EXCHANGE:
+        return False
+    raise OSError(error, os.strerror(error), str(second))
+
+
 def write_directory_atomically(path: Path, write_into) -> None:
-    """Call `write_into(tmp_dir)`, fsync what it wrote, then rename tmp_dir to `path` (replacing an old one).
+    """Call `write_into(tmp_dir)`, fsync what it wrote, then move tmp_dir to `path` (replacing an old one).
 
     Readers see the old directory or the new one, never a mix; a write error (full disk, file-size limit, read-only
-    directory) becomes one NolaError naming `path`, with `path` left as it was."""
+    directory) becomes one NolaError naming `path`, with `path` left as it was.
+
+    Replacing a directory cannot be one rename (rename fails on a non-empty target), and the two-rename way (old
+    `path` aside to `.NAME.old-PID`, tmp_dir into `path`) has a moment with no `path` at all: a process killed there
+    leaves no `path`. So where Linux can (renameat2 RENAME_EXCHANGE: ext4, xfs, btrfs, tmpfs, ...) the two are
+    swapped in one atomic step, after which the old copy sits at the temporary name and is deleted: at every instant
+    `path` holds a complete copy, whenever the process dies. Elsewhere (other systems, NFS and other filesystems
+    without exchange) the two renames remain, and the old copy a kill leaves at `.NAME.old-PID` is complete and
+    fsynced: training checkpoints rename it back at start-up
+    (`nola.checkpoint.recover_replaced`); for other directories it is there to be renamed back by hand. The
+    exchange alone would leave that fallback unsafe, and recovery alone would serve checkpoints only."""
     path = Path(path)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
     previous = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -81,14 +128,16 @@ def write_directory_atomically(path: Path, write_into) -> None:
         for child in sorted(temporary.rglob("*"), reverse=True):  # files before the directories holding them
             _fsync_path(child)
         _fsync_path(temporary)
-        if path.exists():
-            os.rename(path, previous)
-        try:
+        if not path.exists():
             os.rename(temporary, path)
-        except OSError:
-            if previous.exists():
-                os.rename(previous, path)
-            raise
+        elif not _exchange(temporary, path):  # exchanged: the old copy is now `temporary`, deleted below
+            os.rename(path, previous)
+            try:
+                os.rename(temporary, path)
+            except OSError:
+                if previous.exists():
+                    os.rename(previous, path)
+                raise
         _fsync_path(path.parent)
         shutil.rmtree(previous, ignore_errors=True)
     except (OSError, SafetensorError) as error:  # safetensors reports write errors (EFBIG, ENOSPC) as its own type

@@ -4,13 +4,15 @@ A checkpoint holds the adapter (the same files as a final adapter), the trainabl
 quantised adapter's packed file alone would not resume exactly), the optimizer state as safetensors plus its
 JSON-able parts, the scheduler state, RNG states and the data position, and a manifest of every file's size and
 SHA-256. It is written into a temporary directory and renamed into place, so a crash mid-write leaves at most a
-hidden temporary directory, never a `step-N` that looks complete. Loading verifies the manifest; `latest` skips
+hidden temporary directory, never a `step-N` that looks complete; a crash while replacing a `step-N` never leaves
+no copy of it (see `recover_replaced`). Loading verifies the manifest; `latest` skips
 (with a warning) a checkpoint that fails it in favour of the previous good one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import warnings
@@ -22,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nola.adapter_io import file_sha256, save_adapter, write_directory_atomically
+from nola.adapter_io import _fsync_path, file_sha256, save_adapter, write_directory_atomically
 from nola.errors import NolaError
 from nola.failpoints import kill_if_armed
 
@@ -201,9 +203,50 @@ def _python_random_state() -> list:
     return [version, list(internal), gauss]
 
 
+def recover_replaced(checkpoints_dir: Path) -> list[Path]:
+    """Rename back the old copy of a `step-N` that a writer killed while replacing it left aside, and return the
+    checkpoints so restored.
+
+    Where the filesystem cannot exchange two directories, `write_directory_atomically` replaces `step-N` with two
+    renames: `step-N` to `.step-N.old-PID`, then the new copy to `step-N`. A kill between them leaves no `step-N`
+    and the complete old copy aside; deleting it as a leftover would leave no copy of that step at all. So a
+    `.step-N.old-*` whose `step-N` is missing and which verifies (the newest first, if several) is renamed back.
+    Run by `latest_valid_checkpoint` (auto-resume looks before the run lock is taken) and by `remove_unfinished`.
+    Safe without the lock: rename never replaces a non-empty `step-N`, and a live writer's `.old` copy lacks its
+    `step-N` for two renames only, far shorter than verifying it takes, so at worst that writer's save fails with
+    its old copy in place."""
+    recovered = []
+    if not checkpoints_dir.is_dir():
+        return recovered
+    candidates = []
+    for leftover in checkpoints_dir.glob(".step-*.old-*"):
+        name = leftover.name[1:].rpartition(".old-")[0]
+        try:
+            if leftover.is_dir() and checkpoint_step(Path(name)) is not None:
+                candidates.append((leftover.stat().st_mtime_ns, name, leftover))
+        except OSError:  # gone meanwhile
+            continue
+    for _, name, leftover in sorted(candidates, reverse=True):
+        target = checkpoints_dir / name
+        if target.exists() or not leftover.is_dir():
+            continue
+        try:
+            verify_checkpoint(leftover)
+            os.rename(leftover, target)
+        except (NolaError, OSError):
+            continue  # broken (deleted as a leftover), or gone or `step-N` back meanwhile
+        _fsync_path(checkpoints_dir)
+        warnings.warn(f"recovered checkpoint {target} from {leftover.name}, left by a run killed while replacing it",
+                      stacklevel=2)
+        recovered.append(target)
+    return recovered
+
+
 def remove_unfinished(checkpoints_dir: Path) -> None:
-    """Delete what a killed writer left: hidden temporary and replaced directories (`.step-N.tmp-PID`,
-    `.step-N.old-PID`). Only called while holding the run lock, so no live writer owns them."""
+    """Recover what a writer killed while replacing a checkpoint set aside (`recover_replaced`), then delete what
+    killed writers left: hidden temporary and replaced directories (`.step-N.tmp-PID`, `.step-N.old-PID`). Only
+    called while holding the run lock, so no live writer owns them."""
+    recover_replaced(checkpoints_dir)
     if checkpoints_dir.is_dir():
         for leftover in checkpoints_dir.glob(".step-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -242,7 +285,9 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def latest_valid_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest checkpoint that passes verification; broken ones are skipped with a warning."""
+    """The newest checkpoint that passes verification; broken ones are skipped with a warning. A complete copy
+    that a killed writer left aside while replacing it is first put back (`recover_replaced`)."""
+    recover_replaced(checkpoints_dir)
     for candidate in reversed(list_checkpoints(checkpoints_dir)):
         try:
             verify_checkpoint(candidate)

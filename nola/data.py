@@ -55,8 +55,20 @@ def _check_record(record: object, where: str) -> Record:
     return {key: record.get(key) or "" for key in ("instruction", "input", "output")}
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (what JSON requires); a file saved in another encoding is named with the line and
+    byte offset of its first undecodable byte, so it can be found and re-saved."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise NolaError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                        f"{error.start}); save the file as UTF-8") from None
+
+
 def _read_json(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         content = json.loads(text)
     except json.JSONDecodeError as error:
@@ -68,7 +80,7 @@ def _read_json(path: Path) -> list[Record]:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -77,6 +89,20 @@ def _read_jsonl(path: Path) -> list[Record]:
             raise NolaError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
         records.append(_check_record(record, f"{path}: line {number}"))
     return records
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    """The file's rows; a damaged or truncated file (pyarrow raises ArrowInvalid, or OSError for a corrupt footer)
+    is one line with pyarrow's reason, less the path it repeats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        reason = reason.removeprefix(f"Could not open Parquet input source '{path}': ")
+        raise NolaError(f"{path}: not a readable Parquet file ({reason})") from None
 
 
 def _read_rows(rows, where: str) -> list[Record]:
@@ -93,9 +119,7 @@ def load_records(source: str | Path) -> list[Record]:
         elif suffix == ".jsonl":
             records = _read_jsonl(path)
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            records = _read_rows(pq.read_table(path).to_pylist(), str(path))
+            records = _read_rows(_read_parquet(path), str(path))
         else:
             raise NolaError(f"{path}: unsupported data file type {suffix!r} (use .json, .jsonl or .parquet)")
     elif path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:

@@ -1,7 +1,7 @@
 """The embedded default: a tiny LLaMA, its tokenizer and an instruction set, built locally on first use.
 
 The README's one command must train something real on a fresh machine with no download. So nola carries a small
-synthetic world (capitals, opposites, animal classes, colours, sums, sorting, word order) and builds from it:
+synthetic world (capitals, opposites, animal classes, colours, animals of a class, word order) and builds from it:
 
   * `embedded:tiny-instructions`: ~3,000 Alpaca-format records (JSON list) asking about that world;
   * `embedded:tiny-llama`: a 4-layer LLaMA (hidden 128, 2 KV heads, ~1M weights) with a 1,000-piece SentencePiece
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -92,34 +93,85 @@ def _prose_sentence(rng: random.Random) -> str:
     return f"Backwards, the words {' '.join(words)} read {' '.join(reversed(words))}."
 
 
-def _instruction(rng: random.Random) -> dict[str, str]:
-    """One Alpaca-style record whose answer follows from facts the base model read in pre-training."""
-    kind = rng.randrange(6)
+# The task families of the instruction set, in the order `_family_instruction` draws them (its first draw,
+# `rng.randrange(len(FAMILIES))`, is the index: adding or reordering one changes every embedded-v1 record), each with
+# the instruction it asks: a str.format template whose one field, if any, is the subject. The builder and
+# `task_family` both read this table, so the classification cannot drift from how records are made.
+FAMILIES: dict[str, str] = {
+    "capital": "What is the capital of {}?",
+    "opposite": "Give the opposite of the word below.",
+    "animal_class": "Is this animal a mammal, a bird, a fish or a reptile?",
+    "colour": "What colour is {}?",
+    "reverse": "Write these words in reverse order.",
+    "name_two": "Name two animals that are {}.",
+}
+_FAMILY_PATTERNS = [
+    (family, re.compile("".join(r"(.+)" if part == "{}" else re.escape(part)
+                                for part in re.split(r"(\{\})", template) if part)))
+    for family, template in FAMILIES.items()
+]
+
+
+def _family_instruction(rng: random.Random) -> tuple[str, dict[str, str]]:
+    """(family, record): one Alpaca-style record whose answer follows from facts the base model read in
+    pre-training, with the name of the family it belongs to (not stored in the record: the embedded-v1 data must
+    stay byte-identical, so the family is recovered from the instruction by `task_family`)."""
+    kind = rng.randrange(len(FAMILIES))
+    family = list(FAMILIES)[kind]
+    template = FAMILIES[family]
     if kind == 0:
         country, city = rng.choice(list(CAPITALS.items()))
-        return {"instruction": f"What is the capital of {country}?", "input": "",
-                "output": f"The capital of {country} is {city}."}
+        return family, {"instruction": template.format(country), "input": "",
+                        "output": f"The capital of {country} is {city}."}
     if kind == 1:
         word, opposite = rng.choice(list(OPPOSITES.items()) + [(b, a) for a, b in OPPOSITES.items()])
-        return {"instruction": "Give the opposite of the word below.", "input": word,
-                "output": f"The opposite of {word} is {opposite}."}
+        return family, {"instruction": template, "input": word, "output": f"The opposite of {word} is {opposite}."}
     if kind == 2:
         animal, group = rng.choice(list(ANIMALS.items()))
-        return {"instruction": "Is this animal a mammal, a bird, a fish or a reptile?", "input": animal,
-                "output": f"A {animal} is a {group}."}
+        return family, {"instruction": template, "input": animal, "output": f"A {animal} is a {group}."}
     if kind == 3:
         thing, colour = rng.choice(list(COLOURS.items()))
-        return {"instruction": f"What colour is {thing}?", "input": "", "output": f"{_sentence(thing)} is {colour}."}
+        return family, {"instruction": template.format(thing), "input": "",
+                        "output": f"{_sentence(thing)} is {colour}."}
     if kind == 4:
         words = rng.sample(WORDS, rng.randint(3, 5))
-        return {"instruction": "Write these words in reverse order.", "input": " ".join(words),
-                "output": " ".join(reversed(words))}
+        return family, {"instruction": template, "input": " ".join(words), "output": " ".join(reversed(words))}
     group = rng.choice(sorted(set(ANIMALS.values())))
     members = sorted(animal for animal, kind_of in ANIMALS.items() if kind_of == group)
     picked = rng.sample(members, 2)
     plural = group if group == "fish" else group + "s"
-    return {"instruction": f"Name two animals that are {plural}.", "input": "",
-            "output": f"A {picked[0]} and a {picked[1]} are both {plural}."}
+    return family, {"instruction": template.format(plural), "input": "",
+                    "output": f"A {picked[0]} and a {picked[1]} are both {plural}."}
+
+
+def _instruction(rng: random.Random) -> dict[str, str]:
+    """One Alpaca-style record whose answer follows from facts the base model read in pre-training."""
+    return _family_instruction(rng)[1]
+
+
+def task_family(record_or_instruction: dict[str, str] | str) -> str:
+    """The family (a key of `FAMILIES`) of an embedded instruction, given its record or its instruction text;
+    "other" for an instruction the embedded set never asks (a user's own data)."""
+    instruction = (record_or_instruction.get("instruction", "") if isinstance(record_or_instruction, dict)
+                   else record_or_instruction).strip()
+    for family, pattern in _FAMILY_PATTERNS:
+        if pattern.fullmatch(instruction):
+            return family
+    return "other"
+
+
+def correct_answers(record: dict[str, str]) -> list[str]:
+    """Every response that answers `record` rightly, in the form the records teach: the record's own `output` and,
+    for `name_two`, any two distinct animals of the class in either order (the record holds one random pair; the
+    other families have one right answer). For `answer_accuracy(answers_of=...)`: still exact matches, only not
+    against one arbitrary pick."""
+    answers = [record["output"]] if record.get("output") else []
+    if task_family(record) == "name_two":
+        plural = _FAMILY_PATTERNS[list(FAMILIES).index("name_two")][1].fullmatch(record["instruction"].strip())[1]
+        group = "fish" if plural == "fish" else plural.removesuffix("s")
+        members = sorted(animal for animal, kind_of in ANIMALS.items() if kind_of == group)
+        answers += [f"A {a} and a {b} are both {plural}." for a in members for b in members if a != b]
+    return list(dict.fromkeys(answers))
 
 
 def instruction_records(count: int = 3000, seed: int = 0) -> list[dict[str, str]]:

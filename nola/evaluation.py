@@ -4,6 +4,7 @@ across ranks when training runs on several (used by training's eval steps and by
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,10 @@ def rank_batches(count: int, batch_size: int, rank: int, world: int) -> list[lis
 
 @torch.no_grad()
 def evaluate(model, examples, micro_batch_size: int, pad_token_id: int, accelerator=None,
-             max_batches: int | None = None) -> float:
+             max_batches: int | None = None, interrupt: Callable[[], None] | None = None) -> float:
     """Mean token loss over `examples`: each rank scores its share and the sums are reduced over ranks when an
-    accelerator is given; alone, on the model's device."""
+    accelerator is given; alone, on the model's device. `interrupt` runs before each batch (on every rank alike:
+    the ranks have equally many batches) and may raise to abandon the evaluation."""
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator else next(model.parameters()).device
@@ -42,6 +44,8 @@ def evaluate(model, examples, micro_batch_size: int, pad_token_id: int, accelera
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     batches = rank_batches(len(examples), micro_batch_size, rank, world)
     for indices in batches[:max_batches]:
+        if interrupt is not None:
+            interrupt()
         chosen = [examples[i] for i in indices] or examples[:1]  # a padding batch still runs, uncounted
         batch = {k: v.to(device) for k, v in collate(chosen, pad_token_id).items()}
         loss, tokens = token_loss_sum(model, batch)

@@ -4,6 +4,7 @@ cleanup, like the OOM killer or a lost node) or fed a non-finite loss. Off unles
     NOLA_FAILPOINT=checkpoint-write@4     SIGKILL half-way through writing the step-4 checkpoint
     NOLA_FAILPOINT=micro-batch@5          SIGKILL after the first micro-batch's backward of step 5
     NOLA_FAILPOINT=nan-loss@3,4           a NaN loss at steps 3 and 4
+    NOLA_FAILPOINT=signal-in-eval@4       SIGTERM to itself in the middle of the evaluation after step 4
 
 Crash safety is only believable when tested at the worst moments, and those moments cannot be hit from outside
 the process reliably; hence hooks in the code, each a single environment lookup when unused.

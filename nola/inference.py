@@ -1,9 +1,10 @@
-"""Using a trained adapter: load base + adapter as training saw them, generate, compare logits.
+"""Using a trained adapter: load base + adapter as training computed them, generate, compare logits.
 
-The base is loaded the way the adapter was trained on it (the adapter records whether bitsandbytes quantised it
-and how, and the dtype the weights were held in), so an evaluation or a merge check measures the model that was
-trained; activations are then computed in float32, so that comparisons between it and an export measure the export,
-not bf16 arithmetic.
+The base is loaded the way the adapter was trained on it, and run the way training ran it: the adapter records
+whether bitsandbytes quantised the base and how, the dtype its other weights were held in, and the autocast of the
+run. So an evaluation measures the model that was trained, and an export check compares the export with that model,
+not with a float32 re-computation of it: on an nf4 base with bf16 autocast the two differ by about as much as a
+short fine-tune moves the logits, which would make such a check meaningless.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from nola import embedded
 from nola.adapter_io import AdapterFile, apply_adapter, read_adapter
 from nola.config import ModelSection
 from nola.data import format_prompt
-from nola.modeling import check_model_source, load_model, load_tokenizer
+from nola.modeling import autocast_forward, check_model_source, load_model, load_tokenizer
 
 # Fixed instructions for the logit checks of merge_and_export: a spread of lengths, with and without an input.
 CHECK_RECORDS = [
@@ -32,9 +33,12 @@ def default_device() -> torch.device:
 
 
 def base_section(base: str, adapter: AdapterFile | None) -> ModelSection:
-    """The model section that loads `base` as the adapter was trained on it (float32 when nothing is recorded)."""
+    """The model section that loads `base` as the adapter was trained on it. Without an adapter (a merged export)
+    the checkpoint's own dtype is kept, as plain transformers would load it."""
     base = check_model_source(embedded.resolve(base))
-    recorded = adapter.base if adapter is not None else {}
+    if adapter is None:
+        return ModelSection(name_or_path=base, torch_dtype="auto")
+    recorded = adapter.base
     dtype = recorded.get("embedding", {}).get("dtype", "float32")
     quantization = recorded.get("quantization")
     if quantization is None:
@@ -43,25 +47,23 @@ def base_section(base: str, adapter: AdapterFile | None) -> ModelSection:
                         double_quant=quantization["double_quant"], compute_dtype=quantization["dtype"])
 
 
-def compute_in_float32(model: nn.Module) -> nn.Module:
-    """Float parameters to float32 and 4-bit layers computing in float32; the 4-bit codes stay as they are."""
-    for module in model.modules():
-        if hasattr(module, "compute_dtype") and getattr(getattr(module, "weight", None), "quant_state", None):
-            module.compute_dtype = torch.float32
-    return model.float()
+def trained_mixed_precision(adapter: AdapterFile | None) -> str:
+    """The autocast the adapter was trained under ("no" for adapters that predate the record, and for none)."""
+    return adapter.base.get("mixed_precision", "no") if adapter is not None else "no"
 
 
 def load_for_inference(base: str, adapter_dir: str | Path | None = None, device: torch.device | None = None):
     """(model, tokenizer): `base` (a checkpoint, a merged export, or `embedded:tiny-llama`) with the adapter at
-    `adapter_dir` applied, if any, ready for float32 inference."""
+    `adapter_dir` applied, if any, computing as it was trained (4-bit layers, dtypes, autocast)."""
     adapter = read_adapter(adapter_dir) if adapter_dir is not None else None
     section = base_section(base, adapter)
+    mixed_precision = trained_mixed_precision(adapter)
     tokenizer = load_tokenizer(section, None)
-    model = compute_in_float32(load_model(section, device or default_device()))
+    model = load_model(section, device or default_device(), mixed_precision)
     if adapter is not None:
         apply_adapter(model, adapter)
     model.config.use_cache = True
-    return model.eval(), tokenizer
+    return autocast_forward(model.eval(), mixed_precision), tokenizer
 
 
 def alpaca_prompt(instruction: str, context: str = "") -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -108,6 +109,28 @@ def describe_base(model: nn.Module) -> dict:
             "double_quant": bool(state.nested), "dtype": str(state.dtype).split(".")[-1], "modules": list(quantised),
         }
     return description
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model's function inside the block (every adapted layer's update scaled by 0), the adapter's after:
+    how far an adapter moves the outputs, measured in the very model and arithmetic that carry it."""
+    modules = [module for _, module in adapted_modules(model)]
+    scales = [module.scale for module in modules]
+    for module in modules:
+        module.scale = 0.0
+    try:
+        yield model
+    finally:
+        for module, scale in zip(modules, scales):
+            module.scale = scale
+
+
+def record_mixed_precision(model: nn.Module, mixed_precision: str) -> None:
+    """Note in the base description the autocast the adapter trains under ("no" | "bf16" | "fp16"), so that
+    inference, evaluation and the export checks rebuild the model as trained: bf16 autocast on an nf4 base is a
+    different function from float32 arithmetic on it, by about as much as a short fine-tune moves the logits."""
+    base_description_of(model)["mixed_precision"] = mixed_precision
 
 
 def base_description_of(model: nn.Module) -> dict:

@@ -61,6 +61,14 @@ def _same_values(cached: torch.Tensor, current: torch.Tensor) -> bool:
             and torch.equal(cached, current))
 
 
+def _usable_here(tensor: torch.Tensor) -> bool:
+    """Whether a cached tensor may serve the current mode. One made under `torch.inference_mode()` is an inference
+    tensor: outside that mode autograd cannot record through it (a custom Function given one as input silently
+    returns a result without grad_fn) nor may it be updated in place, so outside inference mode it is a cache miss.
+    Tensors made in normal mode serve inference mode as they are."""
+    return torch.is_inference_mode_enabled() or not tensor.is_inference()
+
+
 class MaterializedMatrices:
     """One adapted layer's A and B for the coefficient values last seen, and (deferred mode) their gradients."""
 
@@ -110,12 +118,14 @@ class MaterializedMatrices:
         self._coefficients = None
 
     def _refresh(self, alphas: torch.Tensor, betas: torch.Tensor) -> None:
-        if self._key is not None and _same_values(self._key[0], alphas) and _same_values(self._key[1], betas):
+        if (self._key is not None and _same_values(self._key[0], alphas) and _same_values(self._key[1], betas)
+                and all(_usable_here(tensor) for tensor in self._values)):
             return
         if self._leaves is not None and any(leaf.grad is not None for leaf in self._leaves):
             raise RuntimeError("nola: the coefficients changed while deferred gradients of A and B were waiting: call "
                                "nola.project_deferred_gradients(model) before optimizer.step()")
-        if self._a0 is None or self._a0.dtype != alphas.dtype or self._a0.device != alphas.device:
+        if (self._a0 is None or self._a0.dtype != alphas.dtype or self._a0.device != alphas.device
+                or not _usable_here(self._a0)):
             self._a0 = initial_a(self.seed, self.rank, self.in_features, alphas.dtype, alphas.device)
         with torch.no_grad(), torch.autocast(alphas.device.type, enabled=False):
             a, b = nola_matrices(alphas, betas, self.seed, self.rank, self.in_features, self.out_features,

@@ -5,11 +5,17 @@ Examples come either from a local file in QLoRA's format (JSON list or JSON Line
 "output"}, the prompt already holding its shots, e.g. qlora's data/mmlu/five_shot_mmlu_val.json), or from a hub
 dataset in the cais/mmlu schema ({"subject", "question", "choices", "answer"}), whose k-shot prompts are built
 here from the subject's dev split, as in Hendrycks et al.
+
+The headline number is QLoRA's and the paper's: the mean of the per-subject accuracies (macro), every subject
+present weighing the same however many questions it has. The mean over questions (micro) is reported beside it.
+Every example carries its subject; a QLoRA-format record without one is counted under the single subject "all"
+(so a file with no subjects at all scores macro == micro).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +23,15 @@ import torch
 from nola.errors import NolaError
 
 LETTERS = "ABCD"
+
+
+NO_SUBJECT = "all"
+
+
+def subject_of(example: dict) -> str:
+    """The example's subject; one without a subject (missing, null or empty) counts under NO_SUBJECT ("all")."""
+    subject = example.get("subject")
+    return NO_SUBJECT if subject is None or str(subject) == "" else str(subject)
 
 
 def _subject_title(subject: str) -> str:
@@ -51,7 +66,7 @@ def _check_example(record: object, where: str) -> dict[str, str]:
         raise NolaError(f"{where}: expected an object with 'input' and 'output'")
     if record["output"] not in tuple(LETTERS):
         raise NolaError(f"{where}: 'output' must be one of A, B, C, D, got {record['output']!r}")
-    return {"subject": str(record.get("subject", "all")), "input": str(record["input"]), "output": record["output"]}
+    return {"subject": subject_of(record), "input": str(record["input"]), "output": record["output"]}
 
 
 def _read_local(path: Path) -> list[dict[str, str]]:
@@ -103,9 +118,10 @@ def letter_token_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def predict_letters(model, tokenizer, prompts: list[str], batch_size: int, max_length: int) -> list[str]:
+def predict_letters(model, tokenizer, prompts: list[str], batch_size: int, max_length: int,
+                    interrupt: Callable[[], None] | None = None) -> list[str]:
     """The letter with the highest next-token logit after each prompt (right-padded batches; prompts longer than
-    max_length keep their end, where the question is)."""
+    max_length keep their end, where the question is). `interrupt` runs before each batch and may raise to stop."""
     letter_ids = torch.tensor(letter_token_ids(tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -113,6 +129,8 @@ def predict_letters(model, tokenizer, prompts: list[str], batch_size: int, max_l
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
+        if interrupt is not None:
+            interrupt()
         rows = [ids[-max_length:] for ids in tokenizer(prompts[start : start + batch_size])["input_ids"]]
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -127,15 +145,42 @@ def predict_letters(model, tokenizer, prompts: list[str], batch_size: int, max_l
     return predictions
 
 
-def mmlu_accuracy(model, tokenizer, examples, batch_size: int, max_length: int, accelerator=None) -> dict[str, float]:
-    """Accuracy over `examples` (each rank scores its share when an accelerator is given; counts are summed)."""
+def summarize(subjects: list[str], counts) -> dict:
+    """The returned metrics from per-subject [correct, scored] rows (row i belongs to subjects[i]); a subject with
+    no scored question is left out of the macro mean and of mmlu_subjects."""
+    rows = [(subject, int(correct), int(scored)) for subject, (correct, scored) in zip(subjects, counts.tolist())]
+    per_subject = {subject: {"accuracy": correct / scored, "n": scored} for subject, correct, scored in rows if scored}
+    total = sum(scored for _, _, scored in rows)
+    macro = sum(s["accuracy"] for s in per_subject.values()) / len(per_subject) if per_subject else float("nan")
+    micro = sum(correct for _, correct, _ in rows) / total if total else float("nan")
+    return {"mmlu_accuracy": macro, "mmlu_micro_accuracy": micro, "mmlu_examples": total,
+            "mmlu_subjects": per_subject}
+
+
+def mmlu_accuracy(model, tokenizer, examples, batch_size: int, max_length: int, accelerator=None,
+                  interrupt: Callable[[], None] | None = None) -> dict:
+    """MMLU over `examples`, as QLoRA and the NOLA paper report it:
+
+    - "mmlu_accuracy": the mean of the per-subject accuracies (macro; each subject present weighs the same),
+    - "mmlu_micro_accuracy": the mean over questions,
+    - "mmlu_examples": the number of questions scored,
+    - "mmlu_subjects": {subject: {"accuracy": float, "n": int}}, subjects in sorted order.
+
+    An example without a "subject" counts under "all". With an accelerator each rank scores its share (every
+    world-th example) and the per-subject [correct, scored] counts are summed across ranks; every rank holds the
+    same `examples`, so all derive the same subject rows. Every rank gets the same result.
+    """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    subjects = sorted({subject_of(e) for e in examples})
+    row = {subject: i for i, subject in enumerate(subjects)}
     mine = examples[rank::world]
     # Every rank scores the same number of prompts (repeats of the first, uncounted), so forward passes pair up
     # across ranks as ZeRO-3 and DDP need.
     padded = mine + examples[:1] * (-(-len(examples) // world) - len(mine))
-    predicted = predict_letters(model, tokenizer, [e["input"] for e in padded], batch_size, max_length)
-    counts = torch.tensor([sum(p == e["output"] for p, e in zip(predicted, mine)), len(mine)], dtype=torch.float64)
+    predicted = predict_letters(model, tokenizer, [e["input"] for e in padded], batch_size, max_length, interrupt)
+    counts = torch.zeros((len(subjects), 2), dtype=torch.float64)  # [correct, scored] per subject
+    for guess, example in zip(predicted, mine):  # zip stops at `mine`: the padding repeats are not counted
+        counts[row[subject_of(example)]] += torch.tensor([guess == example["output"], 1], dtype=torch.float64)
     if accelerator is not None:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-    return {"mmlu_accuracy": (counts[0] / counts[1]).item(), "mmlu_examples": int(counts[1])}
+    return summarize(subjects, counts)

@@ -15,7 +15,8 @@ from torch import nn
 from nola.config import ModelSection
 from nola.errors import NolaError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8,
+           "auto": "auto"}  # auto: the dtype the checkpoint was saved in (a merged export)
 
 
 def check_model_source(name_or_path: str) -> str:
@@ -29,23 +30,33 @@ def check_model_source(name_or_path: str) -> str:
 
 
 def load_model_config(section: ModelSection):
-    """The transformers config: from `model.config_json` when given, else from the checkpoint (or hub)."""
-    from transformers import AutoConfig, LlamaConfig
+    """The transformers config of the checkpoint, or `model.config_json` when the checkpoint is out of reach.
 
-    if section.config_json:
-        path = Path(section.config_json)
-        if not path.is_file():
-            raise NolaError(f"model.config_json: no such file: {path}")
-        try:
-            return LlamaConfig(**json.loads(path.read_text()))
-        except json.JSONDecodeError as error:
-            raise NolaError(f"{path}: not valid JSON ({error})") from None
+    The checkpoint's own config always wins: `config_json` exists so that `--dry-run` of a 70B recipe works offline,
+    and a recipe that names a real local checkpoint (its shapes differ from the JSON's) must see that checkpoint's
+    shapes, or a resume check compares the adapter with the wrong architecture."""
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(
             check_model_source(section.name_or_path), trust_remote_code=section.trust_remote_code
         )
     except OSError as error:
-        raise NolaError(f"model.name_or_path: cannot load a config from {section.name_or_path!r} ({error})") from None
+        if not section.config_json:
+            raise NolaError(f"model.name_or_path: cannot load a config from {section.name_or_path!r} "
+                            f"({str(error).splitlines()[0]})") from None
+    return _config_from_json(Path(section.config_json))
+
+
+def _config_from_json(path: Path):
+    from transformers import LlamaConfig
+
+    if not path.is_file():
+        raise NolaError(f"model.config_json: no such file: {path}")
+    try:
+        return LlamaConfig(**json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise NolaError(f"{path}: not valid JSON ({error})") from None
 
 
 @contextmanager
@@ -99,15 +110,36 @@ def disable_bnb_cpu_repacking(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def prepare_for_kbit_training(model: nn.Module) -> None:
-    """What QLoRA needs of a 4-bit base: norms in float32 (bf16 norms lose precision), everything frozen, and
-    inputs that require grad so that gradient checkpointing has a graph to recompute through."""
+def prepare_for_kbit_training(model: nn.Module, autocast: bool) -> None:
+    """What QLoRA needs of a 4-bit base: everything frozen, norms in float32 (bf16 norms lose precision), and inputs
+    that require grad so that gradient checkpointing has a graph to recompute through.
+
+    Without autocast, every other float weight (embeddings, lm_head) goes to float32 too, as peft's
+    `prepare_model_for_kbit_training` does: the float32 norms hand float32 activations to the head, and a bf16 head
+    cannot multiply them. Under autocast they stay in the compute dtype (half the memory; autocast casts)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name, module in model.named_modules():
         if "norm" in type(module).__name__.lower():
             module.float()
+    if not autocast:
+        for parameter in model.parameters():
+            if parameter.dtype in (torch.float16, torch.bfloat16) and not hasattr(parameter, "quant_state"):
+                parameter.data = parameter.data.float()
     model.enable_input_require_grads()
+
+
+def autocast_forward(model: nn.Module, mixed_precision: str, device_type: str | None = None) -> nn.Module:
+    """Run every forward of `model` under torch.autocast in the run's mixed precision ("bf16", "fp16"; "no" leaves it
+    alone), the way accelerate does for plain and DDP runs. Used where accelerate does not: under DeepSpeed (whose
+    own bf16 mode would cast the fp32 NOLA coefficients and the packed 4-bit storage to bf16) and at inference, so a
+    trained adapter is evaluated and exported against the very arithmetic it was trained in."""
+    if mixed_precision == "no":
+        return model
+    device_type = device_type or next(model.parameters()).device.type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    model.forward = torch.autocast(device_type, dtype=dtype)(model.forward)
+    return model
 
 
 def load_tokenizer(section: ModelSection, tokenizer_source: str | None):
@@ -134,13 +166,17 @@ def _zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def load_model(section: ModelSection, device: torch.device) -> nn.Module:
-    """Load the base causal LM on `device` (4-bit when asked), prepared for adapter training."""
+def load_model(section: ModelSection, device: torch.device, mixed_precision: str = "no") -> nn.Module:
+    """Load the base causal LM on `device` (4-bit when asked), prepared for adapter training under
+    `mixed_precision` ("no" | "bf16" | "fp16": whether forwards will run under autocast).
+
+    Weights are read from safetensors only (`use_safetensors=True`): a `.bin` checkpoint would be unpickled, which
+    can run code, so it is refused."""
     from transformers import AutoModelForCausalLM
 
     source = check_model_source(section.name_or_path)
     quantization = quantization_config(section)
-    kwargs = dict(trust_remote_code=section.trust_remote_code)
+    kwargs = dict(trust_remote_code=section.trust_remote_code, use_safetensors=True)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, dtype=_DTYPES[section.compute_dtype])
         if not _zero3_enabled():  # ZeRO-3 places (and shards) the weights itself and refuses a device map
@@ -150,12 +186,14 @@ def load_model(section: ModelSection, device: torch.device) -> nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
-        raise NolaError(f"model.name_or_path: cannot load {section.name_or_path!r} ({error})") from None
+        reason = str(error).splitlines()[0]
+        raise NolaError(f"model.name_or_path: cannot load {section.name_or_path!r} ({reason}; nola reads "
+                        f"safetensors weights only, never .bin pickles)") from None
     if quantization is None:
         model.to(device)
     disable_bnb_cpu_repacking(model)
     if quantization is not None:
-        prepare_for_kbit_training(model)
+        prepare_for_kbit_training(model, autocast=mixed_precision != "no")
     else:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -179,6 +217,13 @@ def estimate_memory(
     dtype. Activations: with checkpointing, one hidden state per layer plus one layer recomputed; without, every
     layer's ~(16·hidden + 3·intermediate) values per token. Logits in fp32 are counted twice (value and grad).
     A CUDA context and allocator slack of 1 GiB is added. This is an estimate for planning, not a guarantee.
+
+    `total_gib` is the sum of those four parts. Two more figures, not in the total, serve the ZeRO-3 and load-time
+    estimates of `nola.dry_run`: `zero3_unpartitioned_gib`, the part of the weights ZeRO-3 cannot shard (the 4-bit
+    quantisation constants, absmax: 8 bits per 64 weights + an fp32 scale per 256 blocks with double quantisation,
+    32 bits per 64 without; they hang off the packed parameters as plain tensors, so every rank keeps them whole);
+    and `load_transient_gib`, the largest weight the loader holds densely on the device at once (a 4-bit linear is
+    read in the compute dtype and quantised there, one at a time; a float base, its largest tensor).
     """
     config = model.config
     linear_weights = sum(
@@ -192,6 +237,14 @@ def estimate_memory(
         compute_bytes = torch.tensor([], dtype=_DTYPES[section.torch_dtype]).element_size()
     bits_per_weight = (4.127 if section.double_quant else 4.5) if section.load_in_4bit else 8 * compute_bytes
     weights = linear_weights * bits_per_weight / 8 + other_weights * compute_bytes
+    if section.load_in_4bit:
+        quant_state_bits = 8 / 64 + 32 / (64 * 256) if section.double_quant else 32 / 64
+        unpartitioned = linear_weights * quant_state_bits / 8
+        load_transient = compute_bytes * max(
+            (m.weight.numel() for m in model.modules()
+             if isinstance(m, nn.Linear) and m is not model.get_output_embeddings()), default=0)
+    else:
+        unpartitioned, load_transient = 0, compute_bytes * max((p.numel() for p in model.parameters()), default=0)
     adapter_and_optimizer = trainable_params * 4 * 4  # fp32 values, grads, two AdamW moments
     tokens = micro_batch_size * sequence_length
     hidden, intermediate, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -210,4 +263,6 @@ def estimate_memory(
         "overhead_gib": overhead / gib,
     }
     estimate["total_gib"] = sum(estimate.values())
+    estimate["zero3_unpartitioned_gib"] = unpartitioned / gib
+    estimate["load_transient_gib"] = load_transient / gib
     return {key: round(value, 3) for key, value in estimate.items()}

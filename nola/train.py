@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import resource
+import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -41,13 +44,15 @@ from nola.failpoints import armed, kill_if_armed
 from nola.fused import requested_backend
 from nola.inject import (
     attach,
+    record_mixed_precision,
     discard_deferred_gradients,
     parameter_report,
     project_deferred_gradients,
     set_deferred_projection,
 )
+from nola.merge import checkpoint_shards
 from nola.mmlu import load_mmlu, mmlu_accuracy
-from nola.modeling import check_model_source, load_model, load_tokenizer
+from nola.modeling import autocast_forward, check_model_source, load_model, load_tokenizer
 from nola.preflight import check_architecture, check_data, check_resume, lock_output_dir
 from nola.run_log import RunLog
 from nola.stop_signals import Preempted, StopSignals
@@ -96,11 +101,9 @@ def make_accelerator(config: RecipeConfig):
     """accelerate's Accelerator for this launch. Without CUDA, plain multi-process launches run as CPU processes over
     gloo (`cpu=True`); DeepSpeed launches keep their engine (DeepSpeed has a CPU accelerator), with the batch,
     accumulation and clipping its JSON leaves as "auto" filled from the recipe."""
-    import os
-
     from accelerate import Accelerator
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not deepspeed_launch():
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision)
     from accelerate import PartialState
     from accelerate.utils import DeepSpeedPlugin
@@ -116,8 +119,36 @@ def make_accelerator(config: RecipeConfig):
     plugin.deepspeed_config["train_batch_size"] = (
         config.train.micro_batch_size * config.train.grad_accum_steps * world_size
     )
-    return Accelerator(deepspeed_plugin=plugin, mixed_precision=config.train.mixed_precision,
+    # The engine runs in fp32 and the forward under autocast (`autocast_forward`), not in DeepSpeed's bf16 mode: that
+    # mode casts every float parameter, so A = A0 + Σ αᵢUᵢ would be formed from bf16 coefficients (a 14% error on
+    # the first update) and packed 4-bit storage of another float dtype would be converted, destroying it. Autocast
+    # keeps parameters as they are and computes exactly as a DDP run does.
+    return Accelerator(deepspeed_plugin=plugin, mixed_precision="no",
                        gradient_accumulation_steps=config.train.grad_accum_steps)
+
+
+def deepspeed_launch() -> bool:
+    """Whether accelerate launched this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_precision(config: RecipeConfig) -> None:
+    """Refuse, before any weight loads, the precision settings a DeepSpeed run cannot honour: fp16 needs loss scaling,
+    which DeepSpeed does only in its own fp16 mode, and that mode casts the NOLA coefficients to fp16."""
+    if deepspeed_launch() and config.train.mixed_precision == "fp16":
+        raise NolaError("train.mixed_precision: fp16 is not supported under DeepSpeed (its fp16 mode casts the adapter's "
+                        "float32 parameters to fp16); use bf16, or fp16 without DeepSpeed")
+
+
+def check_trainable_dtypes(model) -> None:
+    """Every trainable tensor must still be float32 (float64 on a float64 base) after the engine wrapped the model: an
+    engine that cast them (a DeepSpeed JSON with bf16 or fp16 "enabled": true rather than "auto") would train
+    bf16-rounded coefficients, silently."""
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.dtype not in (torch.float32, torch.float64):
+            raise NolaError(f"train: {name} is {str(parameter.dtype).split('.')[-1]} after the engine's set-up: the "
+                            f"DeepSpeed config casts parameters; leave its bf16/fp16 \"enabled\" at \"auto\" (nola "
+                            f"autocasts the forward and keeps the adapter in float32)")
 
 
 def accumulation_context(accelerator, model, use_deepspeed: bool, deferred: bool, last_micro_batch: bool):
@@ -217,11 +248,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def sample_generations(model, tokenizer, examples, count: int, max_new_tokens: int) -> list[dict[str, str]]:
-    """Greedy completions of the first `count` validation prompts, beside their reference responses."""
+def sample_generations(model, tokenizer, examples, count: int, max_new_tokens: int,
+                       interrupt: Callable[[], None] | None = None) -> list[dict[str, str]]:
+    """Greedy completions of the first `count` validation prompts, beside their reference responses. `interrupt`
+    runs before each prompt (it raises to stop early)."""
     model.eval()
     samples = []
     for example in examples[:count]:
+        if interrupt is not None:
+            interrupt()
         prompt_length = example["prompt_length"]
         prompt = torch.tensor([example["input_ids"][:prompt_length]], device=model.device)
         output = model.generate(
@@ -244,9 +279,23 @@ def _print_samples(title: str, samples: list[dict[str, str]]) -> None:
               f"    generated: {sample['generated']!r}")
 
 
+class StopRequested(Exception):
+    """A stop signal that every rank agreed on during eval, MMLU or sample generation (between two batches)."""
+
+
+def skip_update(optimizer, scaler, unscaled: bool) -> None:
+    """Leave the parameters as they are for a step whose loss or gradient is not finite. Under fp16 loss scaling the
+    GradScaler must still see the step end: `unscale_` (run by gradient clipping) opened it, and only `update()`
+    closes it, backing the scale off so the next step can be finite; skipped, the next clip would raise
+    "unscale_() has already been called"."""
+    if scaler is not None and unscaled:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run(config: RecipeConfig) -> dict:
     """Train the recipe; returns the run summary (also written to output_dir/run.json on rank 0). Raises
-    `Preempted` after checkpointing when SIGTERM / SIGUSR1 arrives."""
+    `Preempted` after checkpointing when SIGTERM / SIGUSR1 arrives (in a step, an eval, MMLU or sampling)."""
     accelerator = make_accelerator(config)
     is_main = accelerator.is_main_process
     train = config.train
@@ -256,8 +305,10 @@ def run(config: RecipeConfig) -> dict:
 
     # Everything that can be checked before a weight is loaded, and before anything is written.
     requested_backend()
+    check_precision(config)
     if not config.model.name_or_path.startswith(embedded.PREFIX):
-        check_model_source(config.model.name_or_path)
+        if Path(check_model_source(config.model.name_or_path)).is_dir():
+            checkpoint_shards(Path(config.model.name_or_path))  # safetensors weights only: refuse .bin pickles now
     with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
         records = load_records(embedded.resolve(config.data.path))
         model_section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
@@ -284,22 +335,31 @@ def run(config: RecipeConfig) -> dict:
     if is_main:
         remove_unfinished(checkpoints_dir)
 
-    model = load_model(model_section, accelerator.device)
+    model = load_model(model_section, accelerator.device, train.mixed_precision)
     attach(model, config.adapter_config())
+    record_mixed_precision(model, train.mixed_precision)
     report = parameter_report(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(parameters, config)
     scheduler = make_scheduler(optimizer, config)
+    if deepspeed_launch():  # accelerate autocasts plain and DDP runs itself; see make_accelerator
+        autocast_forward(model, train.mixed_precision, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
     use_deepspeed = accelerator.distributed_type == "DEEPSPEED"
     unwrapped = accelerator.unwrap_model(model)
+    check_trainable_dtypes(unwrapped)
     deferred = use_deferred_projection(config, unwrapped, use_deepspeed, is_main)
+    scaler = getattr(accelerator, "scaler", None)  # fp16 loss scaling (CUDA, without DeepSpeed)
 
     start_step, tokens_seen, first_eval, eval_loss = 0, 0, None, None
+    nonfinite_steps, nonfinite_in_a_row = 0, 0
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, unwrapped, optimizer, scheduler, use_deepspeed)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         first_eval, eval_loss = state.get("first_eval_loss"), state["eval_loss"]
+        nonfinite_steps, nonfinite_in_a_row = state.get("nonfinite_steps", 0), state.get("nonfinite_in_a_row", 0)
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         stream.seek(state["epoch"], state["step_in_epoch"])
 
     log = RunLog(output_dir, config.log, config.to_dict(), enabled=is_main, resumed_step=start_step or None)
@@ -309,17 +369,27 @@ def run(config: RecipeConfig) -> dict:
                           "validation_examples": len(data.validation), "dropped_records": data.dropped,
                           "resumed_from": str(resume_dir) if resume_dir else None,
                           "distributed_type": str(accelerator.distributed_type), "processes": accelerator.num_processes,
-                          "device": str(accelerator.device), "deferred_projection": deferred}))
+                          "device": str(accelerator.device), "deferred_projection": deferred,
+                          "mixed_precision": train.mixed_precision}))
+    stop = StopSignals()
+
+    def interrupt() -> None:
+        """Called between the batches of eval, MMLU and sampling: a stop request is honoured there too, within
+        seconds, not after the whole evaluation (a scheduler's grace period is short)."""
+        if armed("signal-in-eval", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if agreed_flags(accelerator, stop.received is not None)[0]:
+            raise StopRequested
 
     def evaluate_now() -> float:
         if not data.validation:
             return float("nan")
         return evaluate(model, data.validation, train.micro_batch_size, pad_token_id, accelerator,
-                        train.eval_max_batches)
+                        train.eval_max_batches, interrupt)
 
     def mmlu_now() -> dict[str, float]:
         return mmlu_accuracy(model, tokenizer, mmlu_examples, config.mmlu.batch_size, config.mmlu.max_length,
-                             accelerator)
+                             accelerator, interrupt)
 
     def write_checkpoint(step: int, position: tuple[int, int], rng: dict, tokens: int) -> Path:
         """checkpoints/step-N on rank 0 from the state gathered on all (a collective: every rank calls it)."""
@@ -327,32 +397,36 @@ def run(config: RecipeConfig) -> dict:
         training_state = gather_training_state(unwrapped, optimizer, use_deepspeed)
         if is_main:
             trainer_state = {"step": step, "epoch": position[0], "step_in_epoch": position[1], "data": fingerprint,
-                             "tokens_seen": tokens, "eval_loss": eval_loss, "first_eval_loss": first_eval}
+                             "tokens_seen": tokens, "eval_loss": eval_loss, "first_eval_loss": first_eval,
+                             "nonfinite_steps": nonfinite_steps, "nonfinite_in_a_row": nonfinite_in_a_row,
+                             "grad_scaler": scaler.state_dict() if scaler is not None else None}
             save_checkpoint(directory, unwrapped, training_state, scheduler, trainer_state, rng)
             rotate_checkpoints(checkpoints_dir, train.save_total_limit)
         accelerator.wait_for_everyone()
         return directory
 
-    if start_step == 0:
-        first_eval = eval_loss = evaluate_now()
-        log.log(0, {"eval_loss": first_eval, **(mmlu_now() if mmlu_examples and config.mmlu.at_start else {})})
-    samples_before = []
-    if train.sample_generations and data.validation:  # on every rank: under ZeRO-3 a forward is a collective
-        samples_before = sample_generations(unwrapped, tokenizer, data.validation, train.sample_generations,
-                                            train.max_new_tokens)
+    def samples() -> list[dict[str, str]]:
+        if not (train.sample_generations and data.validation):
+            return []
+        # On every rank: under ZeRO-3 a forward is a collective.
+        return sample_generations(unwrapped, tokenizer, data.validation, train.sample_generations,
+                                  train.max_new_tokens, interrupt)
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=train.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
-    model.train()
-    window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
     step = start_step
-    nonfinite_steps, nonfinite_in_a_row = 0, 0
-    stop = StopSignals()
-    # DDP and DeepSpeed average gradients over ranks, and DeepSpeed also divides each micro-batch's loss by its
-    # accumulation count: undo both, so the step's gradient is that of the mean loss over its global tokens.
-    gradient_scale = accelerator.num_processes * (train.grad_accum_steps if use_deepspeed else 1)
+    progress = tqdm(total=train.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     try:
+        if start_step == 0:
+            first_eval = eval_loss = evaluate_now()
+            log.log(0, {"eval_loss": first_eval, **(mmlu_now() if mmlu_examples and config.mmlu.at_start else {})})
+        samples_before = samples()
+        model.train()
+        window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
+        window_first_step = step
+        # DDP and DeepSpeed average gradients over ranks, and DeepSpeed also divides each micro-batch's loss by its
+        # accumulation count: undo both, so the step's gradient is that of the mean loss over its global tokens.
+        gradient_scale = accelerator.num_processes * (train.grad_accum_steps if use_deepspeed else 1)
         while step < train.max_steps:
             position, rng = (stream.epoch, stream.index), capture_rng()  # the state a stop mid-step goes back to
             micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in stream.next()]
@@ -386,6 +460,7 @@ def run(config: RecipeConfig) -> dict:
                 directory = write_checkpoint(step, position, rng, tokens_seen)
                 log.close()
                 raise Preempted(stop.received or "a signal on another rank", step, directory)
+            loss_is_finite = not nonfinite
             grad_norm = float("nan") if nonfinite else float(accelerator.clip_grad_norm_(parameters, train.max_grad_norm))
             nonfinite = nonfinite or not math.isfinite(grad_norm)
             if nonfinite and use_deepspeed:
@@ -393,9 +468,11 @@ def run(config: RecipeConfig) -> dict:
                 raise NolaError(f"train: non-finite loss or gradient at step {step + 1} under DeepSpeed, which cannot skip "
                                 f"a step; the last good state is the newest checkpoint in {checkpoints_dir}")
             if nonfinite:
-                optimizer.zero_grad(set_to_none=True)  # skip the update, keep the schedule and the data moving
+                skip_update(optimizer, scaler, unscaled=loss_is_finite)
                 nonfinite_steps += 1
-                nonfinite_in_a_row += 1
+                # An fp16 gradient overflow with a finite loss is the loss scaler calibrating, not a divergence.
+                if not (scaler is not None and loss_is_finite):
+                    nonfinite_in_a_row += 1
             else:
                 optimizer.step()
                 nonfinite_in_a_row = 0
@@ -421,35 +498,40 @@ def run(config: RecipeConfig) -> dict:
 
             if step % train.logging_steps == 0 or step == train.max_steps:
                 elapsed = time.perf_counter() - window_start
-                steps_in_window = (step - 1) % train.logging_steps + 1
                 log.log(step, {
                     "loss": window_loss / window_tokens if window_tokens else float("nan"),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
                     "tokens_per_s": window_seen / elapsed,
-                    "seconds_per_step": elapsed / steps_in_window,
+                    "seconds_per_step": elapsed / (step - window_first_step),
                     "peak_memory_mb": peak_memory_mb(accelerator.device),
                 })
                 window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
+                window_first_step = step
             if step % train.eval_steps == 0 or step == train.max_steps:
                 eval_loss = evaluate_now()
                 log.log(step, {"eval_loss": eval_loss})
             if step % train.save_steps == 0 or step == train.max_steps:
                 write_checkpoint(step, (stream.epoch, stream.index), capture_rng(), tokens_seen)
+        progress.close()
+
+        summary = {"steps": step, "first_eval_loss": first_eval, "final_eval_loss": eval_loss,
+                   "tokens_seen": tokens_seen, "nonfinite_steps": nonfinite_steps, **report}
+        if mmlu_examples:
+            scores = mmlu_now()
+            summary.update(scores)
+            log.log(step, scores)
+        samples_after = samples()
+    except StopRequested:
+        progress.close()
+        directory = write_checkpoint(step, (stream.epoch, stream.index), capture_rng(), tokens_seen) if step else None
+        log.close()
+        raise Preempted(stop.received or "a signal on another rank", step, directory) from None
     finally:  # also on the way out of an error: the progress bar must not print after it
         progress.close()
         stop.restore()
 
-    summary = {"steps": step, "first_eval_loss": first_eval, "final_eval_loss": eval_loss,
-               "tokens_seen": tokens_seen, "nonfinite_steps": nonfinite_steps, **report}
-    if mmlu_examples:
-        summary.update(mmlu_now())
-        log.log(step, {key: summary[key] for key in ("mmlu_accuracy", "mmlu_examples")})
     final_values = gather_training_state(unwrapped, optimizer, use_deepspeed).values  # every rank: a collective
-    samples_after = []
-    if train.sample_generations and data.validation:
-        samples_after = sample_generations(unwrapped, tokenizer, data.validation, train.sample_generations,
-                                           train.max_new_tokens)
     if is_main:
         save_adapter(unwrapped, output_dir / "adapter", values=final_values)
         if samples_after:

@@ -8,8 +8,12 @@
 --data: mean loss per response token on an Alpaca-format file (.json, .jsonl, .parquet), prompts masked as in
 training. --mmlu: accuracy the QLoRA way (highest next-token logit among A-D) on a local QLoRA-format JSON file
 (zero- or five-shot prompts included) or `cais/mmlu` (k-shot prompts built from its dev split), as the NOLA paper
-reports MMLU for LLaMA-2. --lm-eval-tasks hands the same in-memory model to lm-evaluation-harness when it is
-installed. Prints one JSON object (also written to --out when given).
+reports MMLU for LLaMA-2: "mmlu_accuracy" is the mean of the per-subject accuracies (macro, QLoRA's and the paper's
+number), "mmlu_micro_accuracy" the mean over questions, "mmlu_examples" the questions scored and "mmlu_subjects"
+{subject: {"accuracy", "n"}} (a file without subjects is one subject, "all"). --mmlu-max-examples keeps the first
+N questions, and the files are sorted by subject, so a cut covers the first subjects only. --lm-eval-tasks hands the
+same in-memory model to lm-evaluation-harness when it is installed. Prints one JSON object (also written to --out
+when given).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {"base": args.base, "adapter": args.adapter}
         if args.data:
             results.update(eval_loss(model, tokenizer, records, args))
-        if args.mmlu:
+        if args.mmlu:  # mmlu_accuracy (macro), mmlu_micro_accuracy, mmlu_examples, mmlu_subjects
             results.update(mmlu_accuracy(model, tokenizer, questions, args.batch_size, args.mmlu_max_length))
         if args.lm_eval_tasks:
             results.update(lm_eval_tasks(model, tokenizer, args))

@@ -125,8 +125,9 @@ def export(args: argparse.Namespace) -> None:
 
 
 def load_export(args: argparse.Namespace):
-    """The exported artefact as a model, loaded the way a user of that format would."""
-    from nola.inference import base_section, compute_in_float32, load_for_inference
+    """The exported artefact as a model, loaded the way a user of that format would: the merged model as plain
+    transformers loads it (its saved dtype), the NOLA and PEFT adapters on the base as it was trained on."""
+    from nola.inference import load_for_inference
 
     if args.format == "hf":
         return load_for_inference(args.out)[0]
@@ -135,48 +136,73 @@ def load_export(args: argparse.Namespace):
     from peft import PeftModel
 
     from nola.adapter_io import read_adapter
-    from nola.inference import default_device
-    from nola.modeling import load_model
+    from nola.inference import base_section, default_device, trained_mixed_precision
+    from nola.modeling import autocast_forward, load_model
 
-    section = base_section(args.base, read_adapter(args.adapter))
-    base = compute_in_float32(load_model(section, default_device()))
-    return PeftModel.from_pretrained(base, args.out).eval()
+    adapter = read_adapter(args.adapter)
+    mixed_precision = trained_mixed_precision(adapter)
+    base = load_model(base_section(args.base, adapter), default_device(), mixed_precision)
+    return autocast_forward(PeftModel.from_pretrained(base, args.out).eval(), mixed_precision)
 
 
 def compare(args: argparse.Namespace) -> None:
     """Largest |Δlogit| between adapter model and export on fixed prompts, and eval losses when asked."""
     from nola.inference import CHECK_RECORDS, alpaca_prompt, load_for_inference, max_logit_difference, prompt_logits
+    from nola.inject import adapters_disabled
 
-    needed, available = fp32_model_bytes(args.base), free_memory_bytes()
+    needed, available = reference_model_bytes(args.base, args.adapter), free_memory_bytes()
     if needed > 0.8 * available:
-        print(f"logit check skipped: the model needs ~{needed / 1e9:.0f} GB in fp32, {available / 1e9:.0f} GB are "
+        print(f"logit check skipped: the model needs ~{needed / 1e9:.0f} GB as trained, {available / 1e9:.0f} GB are "
               f"free (--check-prompts 0 says so up front)")
         return
     reference, tokenizer = load_for_inference(args.base, args.adapter)
     prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in CHECK_RECORDS[: args.check_prompts]]
     examples = eval_examples(args.eval_data, tokenizer) if args.eval_data else []
     expected = prompt_logits(reference, tokenizer, prompts)
+    with adapters_disabled(reference):  # the scale a difference is read against: what the adapter itself changes
+        effect = max_logit_difference(expected, prompt_logits(reference, tokenizer, prompts)) if prompts else 0.0
     losses = [eval_loss(reference, tokenizer, examples)] if examples else []
     del reference
     gc.collect()
     candidate = load_export(args)
     if prompts:
         difference = max_logit_difference(expected, prompt_logits(candidate, tokenizer, prompts))
-        print(f"max |logit(adapter) - logit({args.format} export)| over {len(prompts)} prompts: {difference:.3g}")
+        span = max((logits.max() - logits.min()).item() for logits in expected)
+        print(f"max |logit(adapter) - logit({args.format} export)| over {len(prompts)} prompts: {difference:.3g} "
+              f"(the adapter itself moves them by up to {effect:.3g}; logits span {span:.3g}; the reference is the "
+              f"adapter model as trained, {describe_precision(args.adapter)})")
     if examples:
         losses.append(eval_loss(candidate, tokenizer, examples))
         print(f"eval loss on {args.eval_data} ({len(examples)} records): adapter {losses[0]:.5f}, "
               f"{args.format} export {losses[1]:.5f}")
 
 
-def fp32_model_bytes(base: str) -> int:
-    """The base's size in fp32, from its checkpoint headers."""
+def describe_precision(adapter_dir: str) -> str:
+    """How the reference computes, in words: '4-bit nf4, bf16 autocast'."""
+    from nola.adapter_io import read_adapter
+    from nola.inference import trained_mixed_precision
+
+    adapter = read_adapter(adapter_dir)
+    quantization = adapter.base.get("quantization")
+    weights = f"4-bit {quantization['quant_type']}" if quantization else adapter.base.get("embedding", {}).get(
+        "dtype", "float32")
+    mixed_precision = trained_mixed_precision(adapter)
+    return f"{weights}, {'no autocast' if mixed_precision == 'no' else mixed_precision + ' autocast'}"
+
+
+def reference_model_bytes(base: str, adapter_dir: str) -> int:
+    """The size of the base as the check loads it (as trained: ~0.52 bytes a weight in 4-bit, else its recorded
+    dtype's), from the checkpoint headers."""
     import math
 
+    from nola.adapter_io import read_adapter
     from nola.merge import checkpoint_shards, local_checkpoint_dir, read_headers
 
+    recorded = read_adapter(adapter_dir).base
+    dtype = recorded.get("embedding", {}).get("dtype", "float32")
+    per_weight = 0.52 if recorded.get("quantization") else (4 if dtype == "float32" else 2)
     headers = read_headers(checkpoint_shards(local_checkpoint_dir(base)))
-    return sum(4 * math.prod(shape) for _, shape, _ in headers.values())
+    return int(per_weight * sum(math.prod(shape) for _, shape, _ in headers.values()))
 
 
 def free_memory_bytes() -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import nola
-from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE
+import nola.adapter_io
+from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE, write_directory_atomically
 from tests.conftest import REPO_ROOT, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 64, 3]])
@@ -99,6 +102,72 @@ def test_saving_over_an_existing_adapter_replaces_it_whole(saved, tmp_path):
     nola.save_adapter(model, target)
     assert json.loads((target / CONFIG_FILE).read_text())["adapter"]["num_basis"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: no `except OSError` clean-up runs."""
+
+
+def _kill_at_second_rename(monkeypatch):
+    """os.rename that kills the process at its second call: between the two renames of a two-rename replacement."""
+    calls, real_rename = [], os.rename
+
+    def rename(source, destination):
+        calls.append((source, destination))
+        if len(calls) == 2:
+            raise Killed
+        real_rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", rename)
+    return calls
+
+
+def _exchange_supported(directory) -> bool:
+    """Whether this filesystem swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    first, second = directory / "probe-a", directory / "probe-b"
+    first.mkdir()
+    second.mkdir()
+    try:
+        return renameat2(-100, bytes(first), -100, bytes(second), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    finally:
+        first.rmdir()
+        second.rmdir()
+
+
+def _write(text):
+    return lambda directory: (directory / "file.txt").write_text(text)
+
+
+def test_replacing_a_directory_leaves_a_complete_copy_at_its_path_at_every_instant(tmp_path, monkeypatch):
+    """Where the filesystem can exchange two directories, the old copy and the new one swap in one step: a kill
+    at any point of the replacement leaves `path` holding one of them whole."""
+    if not _exchange_supported(tmp_path):
+        pytest.skip("this filesystem has no renameat2 RENAME_EXCHANGE")
+    target = tmp_path / "out"
+    write_directory_atomically(target, _write("old"))
+    renames = _kill_at_second_rename(monkeypatch)
+    write_directory_atomically(target, _write("new"))
+    assert renames == []  # swapped in one step: never a moment without `target` for a kill to land in
+    assert (target / "file.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_without_exchange_a_kill_between_the_renames_leaves_the_old_copy_aside(tmp_path, monkeypatch):
+    monkeypatch.setattr(nola.adapter_io, "_exchange", lambda first, second: False, raising=False)
+    target = tmp_path / "out"
+    write_directory_atomically(target, _write("old"))
+    write_directory_atomically(target, _write("newer"))  # the fallback replaces, too
+    assert (target / "file.txt").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    calls = _kill_at_second_rename(monkeypatch)
+    with pytest.raises(Killed):
+        write_directory_atomically(target, _write("new"))
+    assert calls[0] == (target, tmp_path / f".out.old-{os.getpid()}")
+    assert not target.exists()
+    assert (tmp_path / f".out.old-{os.getpid()}" / "file.txt").read_text() == "newer"
 
 
 def _copy_adapter(source, destination):

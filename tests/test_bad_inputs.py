@@ -7,13 +7,18 @@ at a fraction of the start-up cost."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.util
 import json
+import os
 import shutil
 
 import pytest
 
 from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE, file_sha256
+from nola.errors import NolaError
+from nola.run_lock import acquire_run_lock
 from tests.conftest import REPO_ROOT, run_train, tiny_llama
 
 TINY = str(REPO_ROOT / "recipes" / "tiny.yaml")
@@ -47,9 +52,23 @@ def files(cache_dir, tmp_path_factory):
         "empty_outputs.json": json.dumps([{"instruction": f"q{i}", "output": ""} for i in range(300)]),
         "data.csv": "instruction,output\na,b\n",
         "bad_mmlu.json": json.dumps([{"input": "Q", "output": "E"}]),
+        "a_file.txt": "not a directory\n",
     }
     for name, text in write.items():
         (root / name).write_text(text)
+    # Saved as latin-1, not UTF-8: "é" is the lone byte 0xe9 on line 2.
+    (root / "latin1.json").write_bytes('[{"instruction": "a", "output": "b"},\n {"instruction": "é", "output": "b"}]'
+                                       .encode("latin-1"))
+    (root / "latin1.jsonl").write_bytes('{"instruction": "a", "output": "b"}\n{"instruction": "é", "output": "b"}\n'
+                                        .encode("latin-1"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"instruction": f"q{i}", "output": "a"} for i in range(300)]),
+                   root / "whole.parquet")
+    whole = (root / "whole.parquet").read_bytes()
+    (root / "truncated.parquet").write_bytes(whole[: len(whole) // 2])
+    (root / "random.parquet").write_bytes(bytes(range(256)) * 4)
     (root / "no_config").mkdir()
     (root / "not_a_checkpoint").mkdir()
     damaged = root / "damaged"
@@ -103,6 +122,10 @@ TRAIN_CASES = [
     ([TINY, "data.path={root}/numbers.jsonl"], "numbers.jsonl: line 2: 'instruction' must be a string, got int"),
     ([TINY, "data.path={root}/empty_outputs.json"], "has no usable training record (300 read, 300 without a response"),
     ([TINY, "data.path={root}/data.csv"], "data.csv: unsupported data file type '.csv'"),
+    ([TINY, "data.path={root}/latin1.json"], "latin1.json: line 2: not UTF-8 text (byte 0xe9 at offset 56)"),
+    ([TINY, "data.path={root}/latin1.jsonl"], "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9 at offset 53)"),
+    ([TINY, "data.path={root}/truncated.parquet"], "truncated.parquet: not a readable Parquet file (Parquet magic"),
+    ([TINY, "data.path={root}/random.parquet"], "random.parquet: not a readable Parquet file (Parquet magic"),
     ([TINY, "mmlu.path={root}/bad_mmlu.json"], "bad_mmlu.json: record 1: 'output' must be one of A, B, C, D"),
     # model and adapter layout
     ([TINY, "model.name_or_path={root}/missing-model"], "model.name_or_path: no such directory"),
@@ -116,6 +139,9 @@ TRAIN_CASES = [
     ([TINY, "train.resume_from={checkpoint}", "adapter.rank=4"], "was trained with adapter.rank=8, this recipe has 4"),
     ([TINY, "train.resume_from={checkpoint}", "train.seed=1"], "was trained with train.seed=0, this recipe has 1"),
     ([TINY, "train.resume_from={checkpoint}", "train.micro_batch_size=2"], "global_batch=8, this run has global_bat"),
+    # output directory
+    ([TINY, "train.output_dir={root}/a_file.txt"], "train.output_dir: {root}/a_file.txt is a file, not a directory"),
+    ([TINY, "train.output_dir={root}/a_file.txt/run"], "cannot create {root}/a_file.txt/run: {root}/a_file.txt is a"),
 ]
 
 SCRIPT_CASES = [
@@ -129,6 +155,8 @@ SCRIPT_CASES = [
     ("generate", ["--prompt", "hi", "--top-p", "0"], "--top-p in (0, 1]"),
     ("evaluate", ["--mmlu", "{root}/bad_mmlu.json"], "bad_mmlu.json: record 1: 'output' must be one of A, B, C, D"),
     ("evaluate", ["--data", "{root}/missing.json"], "--data: no such file"),
+    ("evaluate", ["--data", "{root}/latin1.jsonl"], "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9"),
+    ("evaluate", ["--data", "{root}/truncated.parquet"], "truncated.parquet: not a readable Parquet file"),
     ("evaluate", ["--data", "{root}/broken.json", "--out", "{root}/no/such/dir/x.json"], "--out: the directory of"),
 ]
 
@@ -149,10 +177,14 @@ def test_bad_training_inputs(files, cache_dir, tmp_path, monkeypatch, capsys, ar
     monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
     fill = {"root": files["root"], "checkpoint": files["checkpoint"]}
     output = tmp_path / "out"
-    argv = [a.format(**fill) for a in arguments] + [*QUIET, f"train.output_dir={output}"]
+    recipe, *overrides = [a.format(**fill) for a in arguments]
+    # The case's own overrides come last, so they win over the defaults (train.output_dir included).
+    argv = [recipe, *QUIET, f"train.output_dir={output}", *overrides]
+    before = sorted(str(p) for p in files["root"].rglob("*"))
     code = entry_point("train")(argv)
     assert_one_line_error(code, capsys.readouterr().err, message.format(**fill))
     assert not output.exists(), "a refused run wrote its output directory"
+    assert sorted(str(p) for p in files["root"].rglob("*")) == before, "a refused run wrote a file"
 
 
 def test_an_unknown_basis_backend_is_refused_before_anything_loads(cache_dir, tmp_path, monkeypatch, capsys):
@@ -163,6 +195,71 @@ def test_an_unknown_basis_backend_is_refused_before_anything_loads(cache_dir, tm
     assert_one_line_error(code, capsys.readouterr().err,
                           "NOLA_BASIS_BACKEND='cuda': expected one of auto, compiled, eager")
     assert not output.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(cache_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+
+    def load_model(*arguments, **keywords):
+        raise AssertionError("the base model was loaded for a run that cannot write its output_dir")
+
+    monkeypatch.setattr("nola.train.load_model", load_model)
+    output = tmp_path / "run"
+    output.write_text("my notes\n")
+    code = entry_point("train")([TINY, *QUIET, f"train.output_dir={output}"])
+    assert_one_line_error(code, capsys.readouterr().err, f"train.output_dir: {output} is a file, not a directory")
+    assert output.read_text() == "my notes\n" and list(tmp_path.iterdir()) == [output]
+
+
+def without_file_locks(monkeypatch, directory, code: int) -> None:
+    """Make `directory` behave as a filesystem without flock (some NFS, SMB and FUSE mounts); others still lock."""
+    real_flock = fcntl.flock
+
+    def flock(handle, operation):
+        if handle.name.startswith(str(directory)):
+            raise OSError(code, os.strerror(code))
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK], ids=errno.errorcode.get)
+def test_a_filesystem_without_file_locks_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, code):
+    without_file_locks(monkeypatch, tmp_path, code)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for output in (tmp_path / "new" / "run", existing):
+        with pytest.raises(NolaError) as error:
+            acquire_run_lock(output)
+        assert str(error.value).startswith(f"train.output_dir: the filesystem of {output} does not support file locks")
+        assert "choose an output_dir on a local filesystem" in str(error.value)
+    assert list(tmp_path.iterdir()) == [existing] and not any(existing.iterdir())
+
+
+def test_a_filesystem_without_file_locks_stops_training_with_one_line(cache_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+    without_file_locks(monkeypatch, tmp_path, errno.ENOSYS)
+    output = tmp_path / "out"
+    code = entry_point("train")([TINY, *QUIET, f"train.output_dir={output}"])
+    assert_one_line_error(code, capsys.readouterr().err, f"the filesystem of {output} does not support file locks")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("place", ["before the recipe", "before the overrides", "between them", "after them"])
+def test_dry_run_may_stand_anywhere_among_the_overrides(tmp_path, capsys, place):
+    """7b.yaml ships its config_json, so its dry run needs no checkpoint, hub or cache. An output_dir that is a file
+    does not matter: a dry run writes nothing."""
+    overrides = ["train.micro_batch_size=3", "data.source_max_len=100", f"train.output_dir={tmp_path / 'a_file'}"]
+    (tmp_path / "a_file").write_text("")
+    recipe = str(REPO_ROOT / "recipes" / "7b.yaml")
+    argv = {"before the recipe": ["--dry-run", recipe, *overrides],
+            "before the overrides": [recipe, "--dry-run", *overrides],
+            "between them": [recipe, overrides[0], "--dry-run", *overrides[1:]],
+            "after them": [recipe, *overrides, "--dry-run"]}[place]
+    assert entry_point("train")(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["micro_batch_size"] == 3 and report["sequence_length"] == 100 + 512
+    assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]
 
 
 @pytest.mark.parametrize("script, arguments, message", SCRIPT_CASES, ids=[case[2][:40] for case in SCRIPT_CASES])

@@ -80,6 +80,37 @@ def test_bad_data_files_are_named_with_their_line_or_record(tmp_path, name, cont
         load_records(tmp_path / name)
 
 
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "empty"])
+def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist(RECORDS * 50), path)
+    whole = path.read_bytes()
+    path.write_bytes({"random bytes": random.Random(0).randbytes(500), "truncated": whole[: len(whole) // 2],
+                      "empty": b""}[damage])
+    with pytest.raises(NolaError) as error:
+        load_records(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a readable Parquet file (") and "\n" not in message
+    assert message.count(str(path)) == 1  # pyarrow's own mention of the path is not repeated
+
+
+@pytest.mark.parametrize("suffix, line", [(".json", 3), (".jsonl", 2)])
+def test_a_data_file_not_in_utf8_names_its_line_and_byte(tmp_path, suffix, line):
+    path = tmp_path / f"latin1{suffix}"
+    good, bad = {"instruction": "a", "output": "b"}, {"instruction": "café", "output": "b"}
+    text = ("[" + ",\n ".join(json.dumps(r, ensure_ascii=False) for r in (good, good, bad)) + "]" if suffix == ".json"
+            else "\n".join(json.dumps(r, ensure_ascii=False) for r in (good, bad)) + "\n")
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xe9")
+    with pytest.raises(NolaError) as error:
+        load_records(path)
+    assert str(error.value) == (f"{path}: line {line}: not UTF-8 text (byte 0xe9 at offset {offset}); "
+                                f"save the file as UTF-8")
+
+
 def test_a_missing_local_file_is_not_mistaken_for_a_hub_name(tmp_path):
     with pytest.raises(NolaError, match="no such data file"):
         load_records(tmp_path / "missing.json")

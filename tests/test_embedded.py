@@ -79,3 +79,32 @@ def test_the_built_default_is_a_llama_that_knows_its_world(cache_dir, monkeypatc
         correct += tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True).strip().startswith(
             record["output"])
     assert correct >= 20, correct
+
+
+# SHA-256 of the embedded-v1 data, computed from the code before `_instruction` was split into
+# `_family_instruction` (which also names the family): the cached build is versioned, so the records, their order
+# and every RNG draw (the prose corpus draws instructions too) must stay exactly what they were.
+RECORDS_SHA256 = "49917f7b911da006e79520c00ac08077564cf908e72d3feff12d6d160849e1a0"  # json.dumps(indent=1)
+OTHER_SEED_SHA256 = "ba033879319864a2f53964be7f9cacc969d2898f0f3fe5c7e46c9321f9871cfd"  # 500 records, seed 3
+PROSE_SHA256 = "f6f048bdf4379b99e563783c340ffd2e3ec4e2cb7a209b6b31b02f4e9b7b8223"  # json.dumps, 3,169 paragraphs
+
+
+def test_the_embedded_data_is_unchanged():
+    import hashlib
+    import json
+
+    def digest(value, **options):
+        return hashlib.sha256(json.dumps(value, **options).encode()).hexdigest()
+
+    assert digest(embedded.instruction_records(), indent=1) == RECORDS_SHA256
+    assert digest(embedded.instruction_records(500, seed=3)) == OTHER_SEED_SHA256
+    prose = embedded.prose_corpus()
+    assert len(prose) == 3169 and digest(prose) == PROSE_SHA256
+
+
+def test_every_record_is_of_a_known_family():
+    rng = random.Random(3)
+    pairs = [embedded._family_instruction(rng) for _ in range(300)]
+    assert {family for family, _ in pairs} == set(embedded.FAMILIES)
+    assert all(embedded.task_family(record) == family for family, record in pairs)
+    assert embedded.task_family("Translate the sentence into French.") == "other"

@@ -70,6 +70,13 @@ def test_mmlu_from_a_local_qlora_format_file(cache_dir, embedded_adapter):
                            embedded_adapter, "--mmlu", path, "--mmlu-max-examples", "24")
     result = json.loads(completed.stdout)
     assert result["mmlu_examples"] == 24 and 0 <= result["mmlu_accuracy"] <= 1
+    # The first 24 questions: 11 of abstract_algebra, 13 of anatomy. Macro is their mean, micro weighs by size.
+    subjects = result["mmlu_subjects"]
+    assert {s: v["n"] for s, v in subjects.items()} == {"abstract_algebra": 11, "anatomy": 13}
+    accuracies = [v["accuracy"] for v in subjects.values()]
+    assert result["mmlu_accuracy"] == pytest.approx(sum(accuracies) / 2, rel=1e-12)
+    right = sum(round(v["accuracy"] * v["n"]) for v in subjects.values())
+    assert result["mmlu_micro_accuracy"] == pytest.approx(right / 24, rel=1e-12)
 
 
 @pytest.mark.parametrize(

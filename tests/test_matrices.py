@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import nola
 import nola.autograd
 import nola.matrices
 from nola import AdapterConfig, discard_deferred_gradients, project_deferred_gradients, set_deferred_projection
@@ -135,3 +136,53 @@ def test_cached_matrices_stay_out_of_autograd_and_out_of_the_state_dict():
         a, b = model[0].adapter_matrices()
     assert a.grad_fn is None and b.grad_fn is None and not a.requires_grad
     assert all("coefficients" in name or "base_layer" in name for name in model.state_dict())
+
+
+def adapted_llama(quant_bits=None):
+    from tests.conftest import tiny_llama
+
+    return nola.attach(tiny_llama(torch.float64), AdapterConfig(rank=2, num_basis=16, quant_bits=quant_bits))
+
+
+def training_gradients(model, ids) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+IDS = torch.tensor([[1, 4, 9, 16, 25, 36, 49, 64]])
+
+
+@pytest.mark.parametrize("quant_bits", [None, 4])
+def test_an_inference_mode_forward_does_not_poison_the_cache_for_training(monkeypatch, quant_bits):
+    """A forward under torch.inference_mode() fills the cache with inference tensors, through which autograd cannot
+    record; the next training forward must treat them as a miss, and give the gradients of a model that never ran
+    one."""
+    reference = training_gradients(adapted_llama(quant_bits), IDS)
+    model = adapted_llama(quant_bits)
+    with torch.inference_mode():
+        inference_logits = model(IDS).logits
+    gradients = training_gradients(model, IDS)
+    assert gradients.keys() == reference.keys()
+    for name, gradient in gradients.items():
+        assert torch.equal(gradient, reference[name]), name
+    passes = BasisPasses(monkeypatch)
+    with torch.inference_mode():  # and back: the cache refilled in normal mode serves inference mode as it is
+        assert torch.allclose(model(IDS).logits, inference_logits, rtol=0, atol=1e-12)
+    assert passes.combine == 0
+
+
+@pytest.mark.parametrize("quant_bits", [None, 4])
+def test_a_cache_filled_in_training_serves_inference_mode_and_training_again(monkeypatch, quant_bits):
+    model = adapted_llama(quant_bits)
+    reference = training_gradients(model, IDS)
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    passes = BasisPasses(monkeypatch)
+    with torch.inference_mode():
+        assert torch.equal(model(IDS).logits, expected)
+    assert passes.combine == 0  # a hit: tensors made in normal mode are fine inside inference mode
+    for name, gradient in training_gradients(model, IDS).items():
+        assert torch.equal(gradient, reference[name]), name

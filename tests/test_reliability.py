@@ -179,3 +179,36 @@ def test_a_second_run_on_the_same_output_dir_is_refused(cache_dir, tmp_path):
     losses = [m["step"] for m in metrics(output) if "loss" in m]
     assert [m["step"] for m in metrics(output) if "eval_loss" in m].count(0) == 1
     assert len(losses) == len(set(losses))
+
+
+def test_a_stop_signal_during_evaluation_checkpoints_at_once_and_resume_finishes_identically(
+        cache_dir, uninterrupted, tmp_path):
+    """SIGTERM arriving in the middle of the eval after step 4 stops the run between two eval batches (a scheduler's
+    grace period is seconds, an evaluation can take minutes), with the step-4 checkpoint written."""
+    output = tmp_path / "run"
+    stopped = run_train(cache_dir, *RECIPE, "train.micro_batch_size=2", "train.eval_max_batches=null",
+                        f"train.output_dir={output}", "train.resume_from=auto", check=False,
+                        NOLA_FAILPOINT="signal-in-eval@4")
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM after step 4" in stopped.stderr and "Traceback" not in stopped.stderr
+    verify_checkpoint(output / "checkpoints" / "step-4")
+    assert not [m for m in metrics(output) if m["step"] == 4 and "eval_loss" in m], "the evaluation ran to its end"
+    run_train(cache_dir, *RECIPE, "train.micro_batch_size=2", "train.eval_max_batches=null",
+              f"train.output_dir={output}", "train.resume_from=auto")
+    assert_identical(adapter(output), adapter(uninterrupted[1]))
+
+
+def test_a_resumed_run_keeps_its_counters_and_times_its_first_window_right(cache_dir, tmp_path):
+    """The non-finite count goes on across a resume, and the first logging window after it covers only the steps it
+    ran: tokens_per_s x seconds_per_step x steps in the window = the tokens of those steps."""
+    output = tmp_path / "run"
+    run_train(cache_dir, *RECIPE, "train.max_steps=4", "train.logging_steps=3", f"train.output_dir={output}",
+              NOLA_FAILPOINT="nan-loss@3")
+    tokens_at_4 = json.loads((output / "checkpoints" / "step-4" / "trainer_state.json").read_text())["tokens_seen"]
+    run_train(cache_dir, *RECIPE, "train.max_steps=6", "train.logging_steps=3", f"train.output_dir={output}",
+              "train.resume_from=auto")
+    summary = json.loads((output / "run.json").read_text())
+    assert summary["steps"] == 6 and summary["nonfinite_steps"] == 1
+    window = [m for m in metrics(output) if m["step"] == 6 and "loss" in m][0]
+    assert window["tokens_per_s"] * window["seconds_per_step"] * 2 == pytest.approx(
+        summary["tokens_seen"] - tokens_at_4, rel=1e-9)

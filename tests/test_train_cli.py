@@ -4,6 +4,7 @@ the 70B dry run counts right, and CLI mistakes are one line with exit code 2."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,6 +90,26 @@ def test_real_tiny_llama_in_nf4_learns_alpaca(tmp_path, cache_dir, method):
     # gate, up (64, 172) and down (172, 64), over 5 layers: 26x more.
     expected = 35 * 2 * 64 if method == "nola" else 5 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 172) * 3)
     assert summary["trainable_params"] == expected
+
+
+def test_a_4bit_base_with_bf16_compute_and_no_autocast_trains_and_resumes(tmp_path, cache_dir):
+    """The README's way to train any local checkpoint, in 4-bit: recipes/tiny.yaml has compute_dtype bfloat16 and
+    mixed_precision "no". It used to die at the first eval (a bf16 head fed float32 hidden states), and its resume
+    was refused because the preflight read the recipe's config_json instead of the checkpoint's config."""
+    output = tmp_path / "run"
+    common = ["recipes/tiny.yaml", f"model.name_or_path={shared_data('stories260K-hf')}",
+              f"data.path={shared_data('alpaca/alpaca_subset.json')}", "model.load_in_4bit=true",
+              "model.config_json=recipes/models/llama-2-7b.json", "data.validation_size=16", "train.eval_steps=2",
+              "train.save_steps=2", "train.sample_generations=1", "train.max_new_tokens=4", "log.wandb_mode=disabled",
+              f"train.output_dir={output}", "train.resume_from=auto"]
+    train(cache_dir, *common, "train.max_steps=2")
+    resumed = train(cache_dir, *common, "train.max_steps=3")
+    assert f'"resumed_from": "{output / "checkpoints" / "step-2"}"' in resumed.stdout
+    evals = [m["eval_loss"] for m in metrics(output) if "eval_loss" in m]
+    assert len(evals) == 3 and all(math.isfinite(loss) for loss in evals)
+    recorded = json.loads((output / "adapter" / "adapter_config.json").read_text())["base_model"]
+    assert recorded["quantization"]["dtype"] == "bfloat16" and recorded["embedding"]["dtype"] == "float32"
+    assert recorded["mixed_precision"] == "no"
 
 
 def test_dry_run_of_the_70b_recipe_prints_the_paper_count():
