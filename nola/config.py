@@ -68,6 +68,7 @@ class TrainSection:
     seed: int = 0
     sample_generations: int = 3
     max_new_tokens: int = 48
+    answer_accuracy: int = 0
     max_nonfinite_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient (skipped) before the run stops
     deferred_projection: bool = True  # NOLA: project gradients onto the bases once per step, not per micro-batch
 
@@ -130,6 +131,7 @@ _RANGES = [
     ("train.seed", lambda v: v >= 0, ">= 0"),
     ("train.sample_generations", lambda v: v >= 0, ">= 0"),
     ("train.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("train.answer_accuracy", lambda v: v >= 0, ">= 0"),
     ("train.max_nonfinite_steps", lambda v: v >= 1, ">= 1"),
     ("mmlu.shots", lambda v: 0 <= v <= 5, "in [0, 5] (the dev split holds 5 per subject)"),
     ("mmlu.max_examples", lambda v: v is None or v >= 1, ">= 1"),

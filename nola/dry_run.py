@@ -6,6 +6,9 @@ reach), so a 70B recipe is checked on a laptop in seconds.
 
 from __future__ import annotations
 
+import dataclasses
+
+from nola import embedded
 from nola.config import RecipeConfig
 from nola.inject import attach, parameter_report
 from nola.modeling import build_meta_model, estimate_memory
@@ -53,7 +56,8 @@ def dry_run(config: RecipeConfig) -> dict:
     one process training; `load_peak_gib` one process (or one ZeRO-3 rank with a 4-bit base) loading the model;
     `fit_gib` the larger of the two. The `zero3_*` dicts give, per process count, the same after prepare
     (`zero3_gpu_memory_gib`), while loading (`zero3_load_peak_gib`) and the larger (`zero3_fit_gib`)."""
-    model = attach(build_meta_model(config.model), config.adapter_config())
+    section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
+    model = attach(build_meta_model(section), config.adapter_config())
     report = parameter_report(model)
     sequence_length = config.data.source_max_len + config.data.target_max_len
     memory = estimate_memory(model, config.model, report["trainable_params"], config.train.micro_batch_size,

@@ -25,6 +25,7 @@ import torch
 
 from nola import embedded
 from nola.adapter_io import save_adapter
+from nola.answer_accuracy import answer_accuracy, format_answer_accuracy
 from nola.checkpoint import (
     capture_rng,
     gather_training_state,
@@ -136,8 +137,8 @@ def check_precision(config: RecipeConfig) -> None:
     """Refuse, before any weight loads, the precision settings a DeepSpeed run cannot honour: fp16 needs loss scaling,
     which DeepSpeed does only in its own fp16 mode, and that mode casts the NOLA coefficients to fp16."""
     if deepspeed_launch() and config.train.mixed_precision == "fp16":
-        raise NolaError("train.mixed_precision: fp16 is not supported under DeepSpeed (its fp16 mode casts the adapter's "
-                        "float32 parameters to fp16); use bf16, or fp16 without DeepSpeed")
+        raise NolaError("train.mixed_precision: fp16 is not supported under DeepSpeed (its fp16 mode casts the "
+                        "adapter's float32 parameters to fp16); use bf16, or fp16 without DeepSpeed")
 
 
 def check_trainable_dtypes(model) -> None:
@@ -387,7 +388,7 @@ def run(config: RecipeConfig) -> dict:
         return evaluate(model, data.validation, train.micro_batch_size, pad_token_id, accelerator,
                         train.eval_max_batches, interrupt)
 
-    def mmlu_now() -> dict[str, float]:
+    def mmlu_now() -> dict:
         return mmlu_accuracy(model, tokenizer, mmlu_examples, config.mmlu.batch_size, config.mmlu.max_length,
                              accelerator, interrupt)
 
@@ -405,6 +406,16 @@ def run(config: RecipeConfig) -> dict:
         accelerator.wait_for_everyone()
         return directory
 
+    def answers() -> dict:
+        """Exact-match accuracy of greedy answers on held-out records (per task family on the embedded set): what
+        a user sees the adapter do, beside the eval loss. On every rank: under ZeRO-3 a forward is a collective."""
+        if not (train.answer_accuracy and data.validation):
+            return {}
+        embedded_data = config.data.path.startswith(embedded.PREFIX)
+        return answer_accuracy(unwrapped, tokenizer, data.validation[: train.answer_accuracy], None,
+                               train.max_new_tokens, family_of=embedded.task_family if embedded_data else None,
+                               answers_of=embedded.correct_answers if embedded_data else None)
+
     def samples() -> list[dict[str, str]]:
         if not (train.sample_generations and data.validation):
             return []
@@ -420,7 +431,7 @@ def run(config: RecipeConfig) -> dict:
         if start_step == 0:
             first_eval = eval_loss = evaluate_now()
             log.log(0, {"eval_loss": first_eval, **(mmlu_now() if mmlu_examples and config.mmlu.at_start else {})})
-        samples_before = samples()
+        samples_before, answers_before = samples(), answers()
         model.train()
         window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
         window_first_step = step
@@ -430,10 +441,9 @@ def run(config: RecipeConfig) -> dict:
         while step < train.max_steps:
             position, rng = (stream.epoch, stream.index), capture_rng()  # the state a stop mid-step goes back to
             micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in stream.next()]
-            local_counts = torch.tensor(
-                [sum(_label_tokens(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)],
-                device=accelerator.device,
-            )
+            local_counts = torch.tensor([sum(_label_tokens(b) for b in micro_batches),
+                                         sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                                        device=accelerator.device)
             global_counts = accelerator.reduce(local_counts, reduction="sum").tolist()
             global_tokens = max(int(global_counts[0]), 1)
             step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -461,12 +471,14 @@ def run(config: RecipeConfig) -> dict:
                 log.close()
                 raise Preempted(stop.received or "a signal on another rank", step, directory)
             loss_is_finite = not nonfinite
-            grad_norm = float("nan") if nonfinite else float(accelerator.clip_grad_norm_(parameters, train.max_grad_norm))
+            grad_norm = (float("nan") if nonfinite
+                         else float(accelerator.clip_grad_norm_(parameters, train.max_grad_norm)))
             nonfinite = nonfinite or not math.isfinite(grad_norm)
             if nonfinite and use_deepspeed:
-                # DeepSpeed steps inside backward and counts micro-batches itself: a step cannot be skipped, only stopped.
-                raise NolaError(f"train: non-finite loss or gradient at step {step + 1} under DeepSpeed, which cannot skip "
-                                f"a step; the last good state is the newest checkpoint in {checkpoints_dir}")
+                # DeepSpeed steps inside backward and counts micro-batches itself: a step cannot be skipped, only
+                # stopped.
+                raise NolaError(f"train: non-finite loss or gradient at step {step + 1} under DeepSpeed, which cannot "
+                                f"skip a step; the last good state is the newest checkpoint in {checkpoints_dir}")
             if nonfinite:
                 skip_update(optimizer, scaler, unscaled=loss_is_finite)
                 nonfinite_steps += 1
@@ -487,9 +499,9 @@ def run(config: RecipeConfig) -> dict:
                 if nonfinite_in_a_row >= train.max_nonfinite_steps:
                     directory = write_checkpoint(step, (stream.epoch, stream.index), capture_rng(), tokens_seen)
                     raise NolaError(
-                        f"train: {nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or gradient "
-                        f"and were skipped; stopped with the last good state in {directory}: lower train.lr or check "
-                        f"the data (train.max_nonfinite_steps={train.max_nonfinite_steps})")
+                        f"train: {nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite loss or "
+                        f"gradient and were skipped; stopped with the last good state in {directory}: lower "
+                        f"train.lr or check the data (train.max_nonfinite_steps={train.max_nonfinite_steps})")
             else:
                 step_loss = accelerator.reduce(step_loss, reduction="sum").item() / global_tokens
                 window_loss += step_loss * global_tokens
@@ -521,7 +533,10 @@ def run(config: RecipeConfig) -> dict:
             scores = mmlu_now()
             summary.update(scores)
             log.log(step, scores)
-        samples_after = samples()
+        samples_after, answers_after = samples(), answers()
+        if answers_after:
+            summary.update(answers_after)
+            summary["answer_accuracy_before"] = answers_before.get("answer_accuracy")
     except StopRequested:
         progress.close()
         directory = write_checkpoint(step, (stream.epoch, stream.index), capture_rng(), tokens_seen) if step else None
@@ -537,6 +552,10 @@ def run(config: RecipeConfig) -> dict:
         if samples_after:
             _print_samples("before training", samples_before)
             _print_samples("after training", samples_after)
+        if answers_after:
+            if answers_before:
+                print(f"before training: {format_answer_accuracy(answers_before)}")
+            print(f"after training:  {format_answer_accuracy(answers_after)}")
         (output_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.summary(summary)
     log.close()

@@ -198,7 +198,8 @@ def test_a_task_with_several_right_answers_accepts_any_of_them_exactly():
     records = [
         {"instruction": "Name two animals that are birds.", "input": "", "output": "A owl and a crow are both birds."},
         {"instruction": "Name two animals that are fish.", "input": "", "output": "A cod and a tuna are both fish."},
-        {"instruction": "Name two animals that are mammals.", "input": "", "output": "A dog and a cat are both mammals."},
+        {"instruction": "Name two animals that are mammals.", "input": "",
+         "output": "A dog and a cat are both mammals."},
         {"instruction": "Name two animals that are reptiles.", "input": "",
          "output": "A snake and a gecko are both reptiles."},
         RECORDS[2],

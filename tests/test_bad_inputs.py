@@ -84,6 +84,10 @@ def files(cache_dir, tmp_path_factory):
     (wrong_hash / WEIGHTS_FILE).write_bytes((wrong_hash / WEIGHTS_FILE).read_bytes()[:-8] + b"\0" * 8)
     assert file_sha256(wrong_hash / WEIGHTS_FILE) != description["weights_sha256"]
     tiny_llama().save_pretrained(root / "other-base")
+    pickled = root / "pickled-base"  # a checkpoint with .bin weights only: nola must never unpickle it
+    pickled.mkdir()
+    shutil.copy(root / "other-base" / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not to be unpickled")
     escaping = root / "escaping"
     shutil.copytree(run / "checkpoints" / "step-2", escaping)
     manifest = json.loads((escaping / "manifest.json").read_text())
@@ -130,6 +134,8 @@ TRAIN_CASES = [
     # model and adapter layout
     ([TINY, "model.name_or_path={root}/missing-model"], "model.name_or_path: no such directory"),
     ([TINY, "model.name_or_path={root}/no_config"], "no_config has no config.json (not a transformers checkpoint)"),
+    ([TINY, "model.name_or_path={root}/pickled-base"], "pickled-base: only PyTorch .bin weights (pickles, which nola "
+                                                       "never loads)"),
     ([TINY, "adapter.target_modules=[attention]"], "adapter.target_modules: ['attention'] matches no Linear layer"),
     # checkpoints
     ([TINY, "train.resume_from={root}/nowhere"], "train.resume_from: '{root}/nowhere' is not 'auto', null or a"),

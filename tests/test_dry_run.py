@@ -74,3 +74,11 @@ def test_a_float_base_is_partitioned_as_it_loads():
         assert load == pytest.approx(memory["weights_gib"] / int(n) + memory["load_transient_gib"]
                                      + memory["overhead_gib"], abs=TOLERANCE)
         assert report["zero3_fit_gib"][n] >= max(load, report["zero3_gpu_memory_gib"][n])
+
+
+def test_the_tiny_recipe_dry_runs_on_the_embedded_default(cache_dir, monkeypatch):
+    """recipes/tiny.yaml names `embedded:tiny-llama` and no config_json: the dry run reads the embedded model's own
+    config (building the default first, as training would) instead of failing on the name."""
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+    report = report_of("tiny.yaml")
+    assert report["trainable_params"] == 14_336 and report["adapted_modules"] > 0

@@ -95,7 +95,7 @@ def test_accuracy_counts_agreement_with_the_answers(stories):
 def fake_scorer(monkeypatch, picks: dict[str, str], calls: list | None = None):
     """predict_letters replaced by a lookup: the prompt's letter in `picks` (each call's prompts go to `calls`)."""
 
-    def predict(model, tokenizer, prompts, batch_size, max_length):
+    def predict(model, tokenizer, prompts, batch_size, max_length, interrupt=None):
         if calls is not None:
             calls.append(list(prompts))
         return [picks[prompt] for prompt in prompts]
@@ -232,8 +232,8 @@ def test_the_stories_model_on_the_zero_shot_file_macro_and_micro(stories, monkey
     examples = load_mmlu(str(shared_data("mmlu/zero_shot_mmlu_val.json")), shots=5)[::5]
     picks = {}
 
-    def spy(model, tokenizer, prompts, batch_size, max_length):
-        predicted = predict_letters(model, tokenizer, prompts, batch_size, max_length)
+    def spy(model, tokenizer, prompts, batch_size, max_length, interrupt=None):
+        predicted = predict_letters(model, tokenizer, prompts, batch_size, max_length, interrupt)
         picks.update(zip(prompts, predicted))
         return predicted
 

@@ -30,6 +30,13 @@ def test_tiny_recipe_learns_end_to_end(cache_dir, tmp_path):
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-30", "step-60"]
     assert list((output / "wandb").glob("offline-run-*")), "no offline W&B run written"
     assert "generations after training" in completed.stdout
+    # The answer accuracy the README quotes: printed before and after, per family, and recorded in run.json.
+    after = [line for line in completed.stdout.splitlines() if line.startswith("after training:  answer accuracy")]
+    assert after and "capital" in after[0], completed.stdout[-2000:]
+    assert summary["answer_examples"] == 60 and summary["answer_accuracy_before"] < summary["answer_accuracy"]
+    families = summary["answer_families"]
+    assert sum(f["n"] for f in families.values()) == 60
+    assert summary["answer_accuracy"] == pytest.approx(sum(f["correct"] for f in families.values()) / 60)
 
 
 def test_resumed_run_reaches_the_same_coefficients(cache_dir, tmp_path):
