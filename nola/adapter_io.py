@@ -60,7 +60,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file or directory entry to disk, so a rename after it cannot expose unwritten data."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -126,8 +126,8 @@ def write_directory_atomically(path: Path, write_into) -> None:
         temporary.mkdir()
         write_into(temporary)
         for child in sorted(temporary.rglob("*"), reverse=True):  # files before the directories holding them
-            _fsync_path(child)
-        _fsync_path(temporary)
+            fsync_path(child)
+        fsync_path(temporary)
         if not path.exists():
             os.rename(temporary, path)
         elif not _exchange(temporary, path):  # exchanged: the old copy is now `temporary`, deleted below
@@ -138,7 +138,7 @@ def write_directory_atomically(path: Path, write_into) -> None:
                 if previous.exists():
                     os.rename(previous, path)
                 raise
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
         shutil.rmtree(previous, ignore_errors=True)
     except (OSError, SafetensorError) as error:  # safetensors reports write errors (EFBIG, ENOSPC) as its own type
         reason = getattr(error, "strerror", None) or str(error)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nola.adapter_io import _fsync_path, file_sha256, save_adapter, write_directory_atomically
+from nola.adapter_io import file_sha256, fsync_path, save_adapter, write_directory_atomically
 from nola.errors import NolaError
 from nola.failpoints import kill_if_armed
 
@@ -235,7 +235,7 @@ def recover_replaced(checkpoints_dir: Path) -> list[Path]:
             os.rename(leftover, target)
         except (NolaError, OSError):
             continue  # broken (deleted as a leftover), or gone or `step-N` back meanwhile
-        _fsync_path(checkpoints_dir)
+        fsync_path(checkpoints_dir)
         warnings.warn(f"recovered checkpoint {target} from {leftover.name}, left by a run killed while replacing it",
                       stacklevel=2)
         recovered.append(target)
