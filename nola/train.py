@@ -538,7 +538,6 @@ def run(config: RecipeConfig) -> dict:
             summary.update(answers_after)
             summary["answer_accuracy_before"] = answers_before.get("answer_accuracy")
     except StopRequested:
-        progress.close()
         directory = write_checkpoint(step, (stream.epoch, stream.index), capture_rng(), tokens_seen) if step else None
         log.close()
         raise Preempted(stop.received or "a signal on another rank", step, directory) from None

@@ -148,9 +148,11 @@ def load_export(args: argparse.Namespace):
 def compare(args: argparse.Namespace) -> None:
     """Largest |Δlogit| between adapter model and export on fixed prompts, and eval losses when asked."""
     from nola.inference import CHECK_RECORDS, alpaca_prompt, load_for_inference, max_logit_difference, prompt_logits
+    from nola.adapter_io import read_adapter
     from nola.inject import adapters_disabled
 
-    needed, available = reference_model_bytes(args.base, args.adapter), free_memory_bytes()
+    adapter = read_adapter(args.adapter)
+    needed, available = reference_model_bytes(args.base, adapter), free_memory_bytes()
     if needed > 0.8 * available:
         print(f"logit check skipped: the model needs ~{needed / 1e9:.0f} GB as trained, {available / 1e9:.0f} GB are "
               f"free (--check-prompts 0 says so up front)")
@@ -170,19 +172,17 @@ def compare(args: argparse.Namespace) -> None:
         span = max((logits.max() - logits.min()).item() for logits in expected)
         print(f"max |logit(adapter) - logit({args.format} export)| over {len(prompts)} prompts: {difference:.3g} "
               f"(the adapter itself moves them by up to {effect:.3g}; logits span {span:.3g}; the reference is the "
-              f"adapter model as trained, {describe_precision(args.adapter)})")
+              f"adapter model as trained, {describe_precision(adapter)})")
     if examples:
         losses.append(eval_loss(candidate, tokenizer, examples))
         print(f"eval loss on {args.eval_data} ({len(examples)} records): adapter {losses[0]:.5f}, "
               f"{args.format} export {losses[1]:.5f}")
 
 
-def describe_precision(adapter_dir: str) -> str:
-    """How the reference computes, in words: '4-bit nf4, bf16 autocast'."""
-    from nola.adapter_io import read_adapter
+def describe_precision(adapter) -> str:
+    """How the reference computes (an `AdapterFile`'s record), in words: '4-bit nf4, bf16 autocast'."""
     from nola.inference import trained_mixed_precision
 
-    adapter = read_adapter(adapter_dir)
     quantization = adapter.base.get("quantization")
     weights = f"4-bit {quantization['quant_type']}" if quantization else adapter.base.get("embedding", {}).get(
         "dtype", "float32")
@@ -190,15 +190,14 @@ def describe_precision(adapter_dir: str) -> str:
     return f"{weights}, {'no autocast' if mixed_precision == 'no' else mixed_precision + ' autocast'}"
 
 
-def reference_model_bytes(base: str, adapter_dir: str) -> int:
-    """The size of the base as the check loads it (as trained: ~0.52 bytes a weight in 4-bit, else its recorded
-    dtype's), from the checkpoint headers."""
+def reference_model_bytes(base: str, adapter) -> int:
+    """The size of the base as the check loads it (as trained, from the `AdapterFile`'s record: ~0.52 bytes a weight
+    in 4-bit, else its recorded dtype's), from the checkpoint headers."""
     import math
 
-    from nola.adapter_io import read_adapter
     from nola.merge import checkpoint_shards, local_checkpoint_dir, read_headers
 
-    recorded = read_adapter(adapter_dir).base
+    recorded = adapter.base
     dtype = recorded.get("embedding", {}).get("dtype", "float32")
     per_weight = 0.52 if recorded.get("quantization") else (4 if dtype == "float32" else 2)
     headers = read_headers(checkpoint_shards(local_checkpoint_dir(base)))
