@@ -30,19 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     def train() -> None:
-        from nola.config import load_recipe
+        from nola.training.config import load_recipe
 
         config = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
-            from nola.dry_run import dry_run
+            from nola.training.dry_run import dry_run
 
             print(json.dumps(dry_run(config)))
             return
-        from nola.train import run
+        from nola.training.recipe import FineTuneRecipe
 
-        run(config)
+        FineTuneRecipe(config).run()
 
-    from nola.stop_signals import EXIT_PREEMPTED, Preempted
+    from nola.training.stop_signals import EXIT_PREEMPTED, Preempted
 
     try:
         return run_command(train)

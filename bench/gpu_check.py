@@ -174,9 +174,8 @@ class Trainee:
     def __init__(self, model_dir: Path, device: torch.device, adapter: dict, checkpointing: bool,
                  lr: float = 1e-4) -> None:
         from nola import AdapterConfig, attach, set_deferred_projection
-        from nola.config import ModelSection
         from nola.inject import record_mixed_precision
-        from nola.modeling import load_model
+        from nola.modeling import ModelSection, load_model
 
         section = ModelSection(name_or_path=str(model_dir), load_in_4bit=True, compute_dtype="bfloat16",
                                gradient_checkpointing=checkpointing)

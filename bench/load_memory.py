@@ -198,7 +198,7 @@ if _ACTIVE:
 
 BASELINE = (
     "import json, accelerate, bitsandbytes, deepspeed, torch, transformers, transformers.models.llama, "
-    "nola.train, nola.modeling\n"
+    "nola.training.recipe, nola.modeling\n"
     "from accelerate import Accelerator\n"
     "status = {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
     "if l.split(':')[0] in ('VmRSS', 'RssAnon', 'RssFile', 'VmHWM')}\n"

@@ -39,8 +39,7 @@ import torch  # noqa: E402
 from nola import AdapterConfig, attach, project_deferred_gradients, set_deferred_projection  # noqa: E402
 from nola.adapter_config import LLAMA_LINEAR_MODULES  # noqa: E402
 from nola.basis import STREAM_A  # noqa: E402
-from nola.config import ModelSection  # noqa: E402
-from nola.modeling import load_model  # noqa: E402
+from nola.modeling import ModelSection, load_model  # noqa: E402
 
 MICRO_BATCH, SEQUENCE, VOCAB = 4, 128, 32000
 REFERENCE = "lora-r8"

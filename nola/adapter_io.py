@@ -115,7 +115,7 @@ def write_directory_atomically(path: Path, write_into) -> None:
     `path` holds a complete copy, whenever the process dies. Elsewhere (other systems, NFS and other filesystems
     without exchange) the two renames remain, and the old copy a kill leaves at `.NAME.old-PID` is complete and
     fsynced: training checkpoints rename it back at start-up
-    (`nola.checkpoint.recover_replaced`); for other directories it is there to be renamed back by hand. The
+    (`nola.training.checkpoint.recover_replaced`); for other directories it is there to be renamed back by hand. The
     exchange alone would leave that fallback unsafe, and recovery alone would serve checkpoints only."""
     path = Path(path)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"

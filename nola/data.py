@@ -277,3 +277,44 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
         labels[row, :length] = torch.tensor(example["labels"])
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class StepBatches:
+    """An endless, resumable stream of this rank's micro-batches, one optimizer step at a time: epoch after epoch
+    of `batch_schedule`. Its position (epoch, step within the epoch) is all a checkpoint needs to continue exactly,
+    on any split of the same global batch."""
+
+    def __init__(self, examples: list[Example], micro_batch_size: int, grad_accum_steps: int, seed: int,
+                 group_by_length: bool, num_replicas: int, rank: int, pad_token_id: int) -> None:
+        self.examples = examples
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.settings = dict(micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, seed=seed,
+                             group_by_length=group_by_length, num_replicas=num_replicas, rank=rank)
+        self.global_batch = micro_batch_size * grad_accum_steps * num_replicas
+        self.pad_token_id = pad_token_id
+        self.epoch, self.index = 0, 0
+        self._schedule = self._epoch_schedule(0)
+
+    def _epoch_schedule(self, epoch: int) -> list[list[list[int]]]:
+        schedule = batch_schedule(self.lengths, epoch=epoch, **self.settings)
+        if not schedule:
+            raise NolaError(f"data: {len(self.examples)} training examples do not fill one global batch of "
+                            f"{self.global_batch} (micro_batch_size x grad_accum_steps x processes)")
+        return schedule
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = epoch, index
+        self._schedule = self._epoch_schedule(epoch)
+
+    def next(self) -> list[dict[str, torch.Tensor]]:
+        if self.index >= len(self._schedule):
+            self.seek(self.epoch + 1, 0)
+        micro_batches = self._schedule[self.index]
+        self.index += 1
+        return [collate([self.examples[i] for i in indices], self.pad_token_id) for indices in micro_batches]
+
+
+def data_fingerprint(stream: StepBatches) -> dict:
+    """What fixes the order of training examples: a checkpoint resumes exactly only on the same."""
+    return {"global_batch": stream.global_batch, "seed": stream.settings["seed"],
+            "group_by_length": stream.settings["group_by_length"], "train_examples": len(stream.examples)}

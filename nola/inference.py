@@ -9,6 +9,7 @@ short fine-tune moves the logits, which would make such a check meaningless.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,9 +17,8 @@ from torch import nn
 
 from nola import embedded
 from nola.adapter_io import AdapterFile, apply_adapter, read_adapter
-from nola.config import ModelSection
-from nola.data import format_prompt
-from nola.modeling import autocast_forward, check_model_source, load_model, load_tokenizer
+from nola.data import Example, format_prompt
+from nola.modeling import ModelSection, autocast_forward, check_model_source, load_model, load_tokenizer
 
 # Fixed instructions for the logit checks of merge_and_export: a spread of lengths, with and without an input.
 CHECK_RECORDS = [
@@ -106,3 +106,35 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return completions
+
+
+@torch.no_grad()
+def sample_generations(model: nn.Module, tokenizer, examples: list[Example], count: int, max_new_tokens: int,
+                       interrupt: Callable[[], None] | None = None) -> list[dict[str, str]]:
+    """Greedy completions of the first `count` tokenized examples' prompts, beside their reference responses: what
+    a run prints before and after training. `interrupt` runs before each prompt (it raises to stop early)."""
+    model.eval()
+    samples = []
+    for example in examples[:count]:
+        if interrupt is not None:
+            interrupt()
+        prompt_length = example["prompt_length"]
+        prompt = torch.tensor([example["input_ids"][:prompt_length]], device=model.device)
+        output = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        samples.append({
+            "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True)[-120:],
+            "reference": tokenizer.decode(example["input_ids"][prompt_length:], skip_special_tokens=True),
+            "generated": tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
+        })
+    model.train()
+    return samples
+
+
+def print_samples(title: str, samples: list[dict[str, str]]) -> None:
+    print(f"--- generations {title} ---")
+    for sample in samples:
+        print(f"... {sample['prompt']!r}\n    reference: {sample['reference']!r}\n"
+              f"    generated: {sample['generated']!r}")

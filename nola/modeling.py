@@ -7,13 +7,32 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
-from nola.config import ModelSection
 from nola.errors import NolaError
+
+
+@dataclass
+class ModelSection:
+    """Which base model to load and how (the recipe's `model:` section): inference and export load a base with the
+    same settings, so the schema lives with the loader."""
+
+    name_or_path: str = "embedded:tiny-llama"
+    config_json: str | None = None  # a config.json used by --dry-run when the weights/hub are out of reach
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8,
            "auto": "auto"}  # auto: the dtype the checkpoint was saved in (a merged export)
@@ -219,11 +238,11 @@ def estimate_memory(
     A CUDA context and allocator slack of 1 GiB is added. This is an estimate for planning, not a guarantee.
 
     `total_gib` is the sum of those four parts. Two more figures, not in the total, serve the ZeRO-3 and load-time
-    estimates of `nola.dry_run`: `zero3_unpartitioned_gib`, the part of the weights ZeRO-3 cannot shard (the 4-bit
-    quantisation constants, absmax: 8 bits per 64 weights + an fp32 scale per 256 blocks with double quantisation,
-    32 bits per 64 without; they hang off the packed parameters as plain tensors, so every rank keeps them whole);
-    and `load_transient_gib`, the largest weight the loader holds densely on the device at once (a 4-bit linear is
-    read in the compute dtype and quantised there, one at a time; a float base, its largest tensor).
+    estimates of `nola.training.dry_run`: `zero3_unpartitioned_gib`, the part of the weights ZeRO-3 cannot shard
+    (the 4-bit quantisation constants, absmax: 8 bits per 64 weights + an fp32 scale per 256 blocks with double
+    quantisation, 32 bits per 64 without; they hang off the packed parameters as plain tensors, so every rank keeps
+    them whole); and `load_transient_gib`, the largest weight the loader holds densely on the device at once (a
+    4-bit linear is read in the compute dtype and quantised there, one at a time; a float base, its largest tensor).
     """
     config = model.config
     linear_weights = sum(

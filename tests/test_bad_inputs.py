@@ -18,7 +18,7 @@ import pytest
 
 from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE, file_sha256
 from nola.errors import NolaError
-from nola.run_lock import acquire_run_lock
+from nola.training.run_lock import acquire_run_lock
 from tests.conftest import REPO_ROOT, run_train, tiny_llama
 
 TINY = str(REPO_ROOT / "recipes" / "tiny.yaml")
@@ -209,7 +209,7 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(cache_di
     def load_model(*arguments, **keywords):
         raise AssertionError("the base model was loaded for a run that cannot write its output_dir")
 
-    monkeypatch.setattr("nola.train.load_model", load_model)
+    monkeypatch.setattr("nola.training.recipe.load_model", load_model)
     output = tmp_path / "run"
     output.write_text("my notes\n")
     code = entry_point("train")([TINY, *QUIET, f"train.output_dir={output}"])

@@ -9,7 +9,7 @@ import torch
 
 import nola
 import nola.adapter_io
-from nola.checkpoint import (
+from nola.training.checkpoint import (
     gather_training_state,
     latest_valid_checkpoint,
     list_checkpoints,

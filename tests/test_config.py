@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nola.config import load_recipe
+from nola.training.config import load_recipe
 from nola.errors import NolaError
 from tests.conftest import REPO_ROOT
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from nola.config import load_recipe
-from nola.dry_run import ZERO3_PROCESSES, dry_run
+from nola.training.config import load_recipe
+from nola.training.dry_run import ZERO3_PROCESSES, dry_run
 from tests.conftest import REPO_ROOT
 
 TOLERANCE = 2e-3  # every figure is rounded to 3 decimals on its own

@@ -16,10 +16,9 @@ from transformers import AutoModelForCausalLM
 import nola
 import nola.adapter_config
 from nola.adapter_io import read_adapter
-from nola.config import ModelSection
 from nola.export import export_nola, export_peft_lora
 from nola.merge import INDEX_FILE, checkpoint_shards, linear_weight_modules, merge_checkpoint, read_headers
-from nola.modeling import load_model
+from nola.modeling import ModelSection, load_model
 from tests.conftest import REPO_ROOT, run_script, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 64, 3, 17, 88]])

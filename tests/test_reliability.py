@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nola.checkpoint import verify_checkpoint
+from nola.training.checkpoint import verify_checkpoint
 from tests.conftest import REPO_ROOT, free_port, metrics, run_train, script_environment
 
 # 8 optimizer steps of 2 accumulated micro-batches, a checkpoint every 2, a cosine schedule: every piece of state a

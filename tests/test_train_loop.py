@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from nola.config import ModelSection
 from nola.errors import NolaError
-from nola.modeling import load_model_config
-from nola.train import check_trainable_dtypes, skip_update
+from nola.modeling import ModelSection, load_model_config
+from nola.training.distributed import check_trainable_dtypes
+from nola.training.optim import skip_update
 from tests.conftest import tiny_llama
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from nola.adapter_io import file_sha256, fsync_path, save_adapter, write_directory_atomically
 from nola.errors import NolaError
-from nola.failpoints import kill_if_armed
+from nola.training.failpoints import kill_if_armed
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"

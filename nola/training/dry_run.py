@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from nola import embedded
-from nola.config import RecipeConfig
+from nola.training.config import RecipeConfig
 from nola.inject import attach, parameter_report
 from nola.modeling import build_meta_model, estimate_memory
 

@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from nola.config import LogSection
+import torch
+
+from nola.training.config import LogSection
 
 
 class RunLog:
@@ -72,6 +77,37 @@ class RunLog:
             print(f"warning: W&B logging stopped ({type(error).__name__}: {error}); metrics.jsonl continues",
                   file=sys.stderr)
             self.wandb_run = None
+
+
+@dataclass
+class LogWindow:
+    """The optimizer steps since the last metrics line: their token-weighted mean loss and their throughput, so
+    each line reports its own window, not the run's average."""
+
+    first_step: int
+    start: float = field(default_factory=time.perf_counter)
+    weighted_loss: float = 0.0  # Σ step loss x its response tokens, over the steps that updated
+    loss_tokens: int = 0
+    tokens: int = 0  # attended tokens of every step, skipped ones included (they cost the same time)
+
+    def add(self, tokens: int, loss: float | None = None, loss_tokens: int = 0) -> None:
+        self.tokens += tokens
+        if loss is not None:
+            self.weighted_loss += loss * loss_tokens
+            self.loss_tokens += loss_tokens
+
+    def rates(self, step: int) -> dict[str, float]:
+        """Mean loss, tokens per second and seconds per step from `first_step` to `step`."""
+        elapsed = time.perf_counter() - self.start
+        return {"loss": self.weighted_loss / self.loss_tokens if self.loss_tokens else float("nan"),
+                "tokens_per_s": self.tokens / elapsed, "seconds_per_step": elapsed / (step - self.first_step)}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated CUDA memory on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _drop_lines_after(path: Path, step: int) -> None:

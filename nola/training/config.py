@@ -19,20 +19,7 @@ import yaml
 
 from nola.adapter_config import AdapterConfig
 from nola.errors import NolaError
-
-
-@dataclass
-class ModelSection:
-    name_or_path: str = "embedded:tiny-llama"
-    config_json: str | None = None  # a config.json used by --dry-run when the weights/hub are out of reach
-    load_in_4bit: bool = False
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+from nola.modeling import ModelSection
 
 
 @dataclass

@@ -1,0 +1,155 @@
+"""Everything that can be checked before a weight is loaded, so a mistake costs seconds, not a 70B load: the engine
+can honour the precision, the base is a safetensors checkpoint, the data holds usable records, the target modules
+exist in the architecture (built on the meta device), a checkpoint to resume from matches the recipe's adapter,
+base and data order, and no other run holds the output directory. `plan_run` runs them all, in that order, and
+returns what they settled as one `RunPlan`; nothing is written before it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from nola import embedded
+from nola.adapter_io import check_base_model, read_adapter
+from nola.data import PreparedData, StepBatches, data_fingerprint, load_records, prepare_data
+from nola.errors import NolaError
+from nola.fused import requested_backend
+from nola.inject import find_target_modules
+from nola.merge import checkpoint_shards
+from nola.mmlu import load_mmlu
+from nola.modeling import ModelSection, build_meta_model, check_model_source, load_tokenizer
+from nola.training.checkpoint import latest_valid_checkpoint, read_trainer_state, remove_unfinished, verify_checkpoint
+from nola.training.config import RecipeConfig
+from nola.training.distributed import deepspeed_launch
+from nola.training.run_lock import acquire_run_lock
+
+# Adapter settings a checkpoint must share with the recipe to resume (chunk size is a runtime setting).
+_RESUME_ADAPTER_KEYS = ("method", "rank", "alpha", "basis_size_a", "basis_size_b", "target_modules", "seed",
+                        "dropout", "quant_bits")
+
+
+def check_data(config: RecipeConfig, data: PreparedData, record_count: int) -> None:
+    if not data.train:
+        raise NolaError(f"data.path: {config.data.path} has no usable training record ({record_count} read, "
+                        f"{data.dropped} without a response, {len(data.validation)} held out for validation)")
+
+
+def check_architecture(config: RecipeConfig, model_section: ModelSection) -> nn.Module:
+    """The model skeleton on the meta device, after checking the adapter's target modules exist in it."""
+    skeleton = build_meta_model(model_section)
+    find_target_modules(skeleton, config.adapter.target_modules)
+    return skeleton
+
+
+def check_resume(resume_dir: Path, config: RecipeConfig, skeleton: nn.Module, fingerprint: dict,
+                 saved_data: dict) -> None:
+    """Refuse a checkpoint this recipe cannot continue exactly: another adapter, base or data order."""
+    adapter = read_adapter(resume_dir / "adapter")
+    mine = config.adapter_config()
+    for key in _RESUME_ADAPTER_KEYS:
+        theirs, ours = getattr(adapter.config, key), getattr(mine, key)
+        if theirs != ours:
+            name = "train.seed" if key == "seed" else f"adapter.{key}"
+            raise NolaError(f"train.resume_from: {resume_dir} was trained with {name}={theirs!r}, this recipe has "
+                            f"{ours!r}")
+    check_base_model(skeleton, adapter)
+    for key, value in fingerprint.items():
+        if key in saved_data and saved_data[key] != value:
+            hint = (" (keep micro_batch_size x grad_accum_steps x processes the same: the data order depends on it)"
+                    if key == "global_batch" else "")
+            raise NolaError(f"train.resume_from: {resume_dir} was trained with {key}={saved_data[key]}, this run "
+                            f"has {key}={value}{hint}")
+
+
+def lock_output_dir(output_dir: Path, accelerator):
+    """Rank 0 takes the run lock and tells the others whether it got it, so every rank fails together."""
+    from accelerate.utils import broadcast_object_list
+
+    handle, refusal = None, [None]
+    if accelerator.is_main_process:
+        try:
+            handle = acquire_run_lock(output_dir)
+        except NolaError as error:
+            refusal = [str(error)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        raise NolaError(refusal[0])
+    return handle
+
+
+
+def check_precision(config: RecipeConfig) -> None:
+    """Refuse the precision settings a DeepSpeed run cannot honour: fp16 needs loss scaling, which DeepSpeed does only
+    in its own fp16 mode, and that mode casts the NOLA coefficients to fp16."""
+    if deepspeed_launch() and config.train.mixed_precision == "fp16":
+        raise NolaError("train.mixed_precision: fp16 is not supported under DeepSpeed (its fp16 mode casts the "
+                        "adapter's float32 parameters to fp16); use bf16, or fp16 without DeepSpeed")
+
+
+def resolve_resume(config: RecipeConfig, checkpoints_dir: Path, accelerator) -> Path | None:
+    """The checkpoint to resume from: `auto` picks the newest valid one (or none), a path must verify. Rank 0
+    decides and tells the others, so all ranks resume from the same step even if a checkpoint changes meanwhile."""
+    resume = config.train.resume_from
+    if resume is None:
+        return None
+    if resume != "auto":
+        verify_checkpoint(Path(resume))
+        return Path(resume)
+    from accelerate.utils import broadcast_object_list
+
+    choice = [latest_valid_checkpoint(checkpoints_dir) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    return choice[0]
+
+
+@dataclass
+class RunPlan:
+    """What the preflight settled: the inputs of the run, read and checked, and the held run lock."""
+
+    model_section: ModelSection  # the recipe's, with an embedded name resolved to its built directory
+    tokenizer: object
+    data: PreparedData
+    stream: StepBatches  # this rank's micro-batches, at the start of the data order
+    mmlu_examples: list[dict]
+    resume_dir: Path | None
+    run_lock: object  # the open lock file: held until the process ends
+
+
+def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
+    """Every check that needs no weights, on every rank, before the base model loads or anything is written (except
+    the run lock and the removal of checkpoints a crash left unfinished, both after the last check)."""
+    train = config.train
+    checkpoints_dir = Path(train.output_dir) / "checkpoints"
+    resume_dir = resolve_resume(config, checkpoints_dir, accelerator)
+    requested_backend()
+    check_precision(config)
+    if not config.model.name_or_path.startswith(embedded.PREFIX):
+        if Path(check_model_source(config.model.name_or_path)).is_dir():
+            checkpoint_shards(Path(config.model.name_or_path))  # safetensors weights only: refuse .bin pickles now
+    with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
+        records = load_records(embedded.resolve(config.data.path))
+        model_section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
+        mmlu_examples = load_mmlu(config.mmlu.path, config.mmlu.shots) if config.mmlu.path else []
+    tokenizer = load_tokenizer(model_section, config.data.tokenizer)
+    data = prepare_data(records, tokenizer, config.data.source_max_len, config.data.target_max_len,
+                        config.data.validation_size, train.seed, config.data.train_on_source)
+    check_data(config, data, len(records))
+    skeleton = check_architecture(config, model_section)
+    stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
+                         config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
+                         tokenizer.pad_token_id)
+    if resume_dir is not None:
+        saved = read_trainer_state(resume_dir)
+        # Checkpoints written before the data fingerprint existed record the global batch alone.
+        check_resume(resume_dir, config, skeleton, data_fingerprint(stream),
+                     saved.get("data", {"global_batch": saved.get("global_batch")}))
+    run_lock = lock_output_dir(Path(train.output_dir), accelerator)
+    if accelerator.is_main_process:
+        remove_unfinished(checkpoints_dir)
+    return RunPlan(model_section, tokenizer, data, stream, mmlu_examples[: config.mmlu.max_examples], resume_dir,
+                   run_lock)

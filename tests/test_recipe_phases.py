@@ -1,0 +1,157 @@
+"""The training loop's policies, in-process (no subprocess), by driving `FineTuneRecipe` and its phases on a toy
+model: the embedded tiny LLaMA through recipes/7b.yaml (and 7b_lora.yaml) as shipped, nf4 + double quant, bf16
+autocast, gradient checkpointing, with only paths, steps and sizes overridden.
+
+- a non-finite step is skipped (parameters unchanged) and counted; N in a row stop the run with a checkpoint;
+- a stop request in the middle of a step checkpoints the last completed step, exactly, and the run resumes;
+- gradients accumulated over micro-batches equal those of one big batch;
+- log lines, evals and checkpoints fire at the steps their periods say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nola.errors import NolaError
+from nola.training.config import TrainSection, load_recipe
+from nola.training.recipe import FineTuneRecipe, LoopState, due_actions
+from nola.training.stop_signals import Preempted
+from tests.conftest import REPO_ROOT, metrics
+
+SIZES = ["model.name_or_path=embedded:tiny-llama", "data.path=embedded:tiny-instructions", "mmlu.path=null",
+         "data.source_max_len=64", "data.target_max_len=32", "data.validation_size=8", "train.eval_max_batches=1",
+         "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.sample_generations=0",
+         "train.answer_accuracy=0", "train.logging_steps=1", "train.eval_steps=100", "train.save_steps=1",
+         "train.save_total_limit=null", "log.wandb_mode=disabled"]
+
+
+@pytest.fixture(autouse=True)
+def in_process_run(cache_dir, monkeypatch):
+    """The session's embedded-default cache, and a fresh accelerate state: it is a process-wide singleton that
+    refuses a second mixed_precision (other in-process runs in this session use "no")."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def recipe(output_dir, *overrides: str, name: str = "7b") -> FineTuneRecipe:
+    return FineTuneRecipe(load_recipe(REPO_ROOT / f"recipes/{name}.yaml",
+                                      [*SIZES, f"train.output_dir={output_dir}", *overrides]))
+
+
+def trained(output_dir, step: int) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "checkpoints" / f"step-{step}" / "trainable.safetensors")
+
+
+def trainer_state(output_dir, step: int) -> dict:
+    return json.loads((output_dir / "checkpoints" / f"step-{step}" / "trainer_state.json").read_text())
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_periodic_actions_are_due_every_period_and_all_at_the_last_step():
+    train = TrainSection(max_steps=10, logging_steps=2, eval_steps=3, save_steps=4)
+    due = {step: due_actions(step, train) for step in range(1, 11)}
+    assert [s for s in due if "log" in due[s]] == [2, 4, 6, 8, 10]
+    assert [s for s in due if "eval" in due[s]] == [3, 6, 9, 10]
+    assert [s for s in due if "save" in due[s]] == [4, 8, 10]
+    assert due[1] == ()
+
+
+def test_a_run_logs_evaluates_and_saves_at_those_steps(tmp_path):
+    summary = recipe(tmp_path, "train.max_steps=5", "train.logging_steps=2", "train.eval_steps=3",
+                     "train.save_steps=2").run()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 3, 5]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4", "step-5"]
+    assert summary["steps"] == 5 and trainer_state(tmp_path, 4)["step"] == 4
+    assert all(r["seconds_per_step"] > 0 and r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+
+
+def test_the_non_finite_count_runs_until_an_update_and_ignores_loss_scaler_overflows():
+    state = LoopState()
+    for skipped, overflow in [(True, False), (True, False), (True, True), (False, False), (True, False)]:
+        state.count_update(skipped, scaler_overflow=overflow)
+    assert (state.step, state.nonfinite_steps, state.nonfinite_in_a_row) == (5, 4, 1)
+
+
+def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOLA_FAILPOINT", "nan-loss@2")
+    summary = recipe(tmp_path, "train.max_steps=3").run()
+    assert same(trained(tmp_path, 1), trained(tmp_path, 2))  # step 2 left the parameters as they were
+    assert not same(trained(tmp_path, 2), trained(tmp_path, 3))  # step 3 trained
+    assert summary["nonfinite_steps"] == 1 and summary["steps"] == 3
+    assert [r["step"] for r in metrics(tmp_path) if r.get("nonfinite_step")] == [2]
+    assert (trainer_state(tmp_path, 3)["nonfinite_steps"], trainer_state(tmp_path, 3)["nonfinite_in_a_row"]) == (1, 0)
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOLA_FAILPOINT", "nan-loss@2,3")
+    with pytest.raises(NolaError, match=r"2 steps in a row \(to step 3\) had a non-finite loss"):
+        recipe(tmp_path, "train.max_steps=6", "train.max_nonfinite_steps=2").run()
+    assert same(trained(tmp_path, 1), trained(tmp_path, 3))
+    assert trainer_state(tmp_path, 3)["nonfinite_in_a_row"] == 2
+    assert not (tmp_path / "checkpoints" / "step-4").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_a_stop_request_mid_step_checkpoints_the_last_completed_step_and_the_run_resumes(tmp_path, monkeypatch):
+    reference = tmp_path / "uninterrupted"
+    recipe(reference, "train.max_steps=4").run()
+
+    import nola.training.recipe as recipe_module
+
+    calls, forward = [], recipe_module.token_loss_sum
+
+    def forward_then_sigterm(model, batch):
+        calls.append(1)
+        if len(calls) == 6:  # step 3, second micro-batch: the first one's backward already ran
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the run's handler, honoured at this micro-batch
+        return forward(model, batch)
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(recipe_module, "token_loss_sum", forward_then_sigterm)
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 2"):
+        recipe(stopped, "train.max_steps=4").run()
+    assert len(calls) == 6 and not (stopped / "checkpoints" / "step-3").exists()
+    assert same(trained(stopped, 2), trained(reference, 2))  # the half-done step left no trace
+    assert trainer_state(stopped, 2)["step_in_epoch"] == 2  # the resumed run redoes step 3
+
+    monkeypatch.setattr(recipe_module, "token_loss_sum", forward)
+    recipe(stopped, "train.max_steps=4", "train.resume_from=auto").run()
+    assert same(trained(stopped, 4), trained(reference, 4))
+    assert [r["step"] for r in metrics(stopped) if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("name", ["7b", "7b_lora"])
+def test_gradients_accumulated_over_micro_batches_equal_those_of_one_big_batch(tmp_path, name):
+    """The same 4 sequences as 1 x 4, 2 x 2 and 4 x 1: the loss is the mean over the step's response tokens and
+    the gradient is its gradient, however the step is split (bf16 autocast: equal to bf16 rounding)."""
+    gradients, losses = {}, {}
+    for micro_batch, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        run = recipe(tmp_path / f"{micro_batch}x{accumulation}", f"train.micro_batch_size={micro_batch}",
+                     f"train.grad_accum_steps={accumulation}", "train.max_steps=1", name=name)
+        try:
+            run.setup()
+            result = run.accumulate(run.plan.stream.next())
+            gradients[micro_batch] = torch.cat([p.grad.reshape(-1) for p in run.parameters])
+            losses[micro_batch] = result.loss_sum.item() / result.label_tokens
+        finally:
+            run.release()
+    big = gradients[4]
+    assert big.abs().max() > 0
+    for micro_batch in (2, 1):
+        assert losses[micro_batch] == pytest.approx(losses[4], rel=1e-5)
+        assert torch.allclose(gradients[micro_batch], big, rtol=1e-2, atol=1e-2 * big.abs().max().item())
+        assert (gradients[micro_batch] - big).norm() <= 1e-2 * big.norm()  # measured: 0.0025 (bf16 autocast)
