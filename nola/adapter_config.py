@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from nola.basis import DEFAULT_CHUNK_BYTES
 from nola.errors import NolaError
 from nola.quant import SUPPORTED_BITS
 
 METHODS = ("nola", "lora")
+INITS = ("random", "svd")
 
 # The seven projections of a LLaMA decoder layer; "all-linear" means these on LLaMA-family models.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -32,6 +34,9 @@ class AdapterConfig:
     dropout: dropout on the adapter's input (uses torch's global RNG when > 0).
     quant_bits: None, 3 or 4: coefficients trained with a straight-through estimator and stored packed.
     basis_chunk_bytes: working memory for regenerating the basis: a runtime setting, values do not depend on it.
+    init: "lora" only. "random": A from the seeded kaiming-uniform A0, B = 0 (LoRA). "svd": A0, B0 from the top-r
+        singular triplets of the base weight, and the base replaced by the residual (PiSSA; nola/svd_init.py).
+    freeze_a: "lora" only. A stays at its initial value and only B trains (LoRA-FA): r x out parameters per module.
     """
 
     method: str = "nola"
@@ -45,6 +50,8 @@ class AdapterConfig:
     dropout: float = 0.0
     quant_bits: int | None = None
     basis_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    init: Literal["random", "svd"] = "random"
+    freeze_a: bool = False
     module_seeds: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +70,15 @@ class AdapterConfig:
             raise NolaError(f"adapter.quant_bits: must be null, 3 or 4, got {self.quant_bits!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise NolaError(f"adapter.seed: must be a non-negative integer, got {self.seed!r}")
+        if self.init not in INITS:
+            raise NolaError(f"adapter.init: {self.init!r} is not one of {', '.join(INITS)}")
+        if not isinstance(self.freeze_a, bool):
+            raise NolaError(f"adapter.freeze_a: must be true or false, got {self.freeze_a!r}")
+        if self.method == "nola" and (self.init != "random" or self.freeze_a):
+            key = "init: svd" if self.init != "random" else "freeze_a: true"
+            raise NolaError(f"adapter.{key} is for method lora: NOLA's A0 is a seeded random matrix by design and "
+                            f"its A is already a few coefficients (use method: lora, or init: random and "
+                            f"freeze_a: false)")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 self.target_modules = [self.target_modules]

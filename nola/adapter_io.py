@@ -3,9 +3,11 @@
 The JSON says everything needed to rebuild the adapter but its trained values: the adapter settings with every
 module's seed, the basis generator's version, the base model's fingerprint (adapted module names and shapes, an
 input-embedding sample, and for a 4-bit base its quantisation settings) and the SHA-256 of the tensor file. The
-safetensors file holds the trained tensors only: coefficients for NOLA, A and B for LoRA; never seeds, bases or A0,
-which are regenerated. 3/4-bit NOLA coefficients are stored as two tensors for the whole adapter: `quantized.codes`
-(every vector's packed codes, in module order, A before B) and `quantized.grids` (one [low, step] row per vector).
+safetensors file holds the trained tensors: coefficients for NOLA, A and B for LoRA (A also when frozen, LoRA-FA),
+and for an SVD-initialised LoRA the A0 and B0 subtracted from the base (`residual_a`, `residual_b`), which rebuild
+the residual from the original base; never seeds, bases or NOLA's A0, which are regenerated. 3/4-bit NOLA
+coefficients are stored as two tensors for the whole adapter: `quantized.codes` (every vector's packed codes, in
+module order, A before B) and `quantized.grids` (one [low, step] row per vector).
 
 Loading checks each of those facts and fails with one line naming the first mismatch, before touching the model.
 Saving writes a temporary directory and renames it into place, so a reader sees the old adapter or the new one,
@@ -194,9 +196,9 @@ def adapter_state(model: nn.Module, values: dict[str, torch.Tensor] | None = Non
     `values` (parameter name -> full tensor) stands in for the model's own tensors when those are partitioned
     across processes (DeepSpeed ZeRO-3) and were gathered by the caller."""
     tensors = {f"{name}.{short}": tensor for name, module in adapted_modules(model)
-               for short, tensor in module.trainable_tensors().items()}
-    if values is not None:
-        tensors = {key: values[key] for key in tensors}
+               for short, tensor in module.stored_tensors().items()}
+    if values is not None:  # the trained tensors; frozen ones (a LoRA-FA's A, SVD factors) are whole on every rank
+        tensors = {key: values.get(key, tensor) for key, tensor in tensors.items()}
     return pack_state(adapter_config_of(model), base_fingerprint(model), tensors)
 
 
@@ -291,6 +293,9 @@ def _expected_shapes(config: AdapterConfig, modules: dict[str, list[int]], versi
         if config.method == "lora":
             shapes[f"{name}.lora_a"] = (config.rank, in_features)
             shapes[f"{name}.lora_b"] = (out_features, config.rank)
+            if config.init == "svd":
+                shapes[f"{name}.residual_a"] = (config.rank, in_features)
+                shapes[f"{name}.residual_b"] = (out_features, config.rank)
         else:
             shapes[f"{name}.coefficients_a"] = (config.basis_size_a,)
             shapes[f"{name}.coefficients_b"] = (config.basis_size_b,)
@@ -376,12 +381,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return apply_adapter(model, read_adapter(path))
 
 
+def residual_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """{module name: (A0, B0)} of an SVD-initialised LoRA: what training subtracted from the original base; None
+    for other adapters."""
+    if adapter.config.init != "svd":
+        return None
+    return {name: (adapter.values[f"{name}.residual_a"], adapter.values[f"{name}.residual_b"])
+            for name in adapter.modules}
+
+
 def apply_adapter(model: nn.Module, adapter: AdapterFile) -> nn.Module:
-    """`load_adapter` for an adapter already read: check the base, attach, copy the trained values in."""
+    """`load_adapter` for an adapter already read: check the base, attach (an SVD start's residual rebuilt from the
+    file's factors), copy the trained values in."""
     check_base_model(model, adapter)
-    attach(model, adapter.config)
+    attach(model, adapter.config, residuals=residual_factors(adapter))
     with torch.no_grad():
         for name, module in adapted_modules(model):
-            for short_name, parameter in module.trainable_tensors().items():
+            for short_name, parameter in module.stored_tensors().items():
                 parameter.copy_(adapter.values[f"{name}.{short_name}"].to(parameter.dtype))
     return model

@@ -3,6 +3,8 @@
 PEFT LoRA: NOLA's update is a rank-r LoRA update whose A and B happen to be generated, so materialising them gives
 an ordinary LoRA adapter that peft, vLLM and TGI load as they would any other. PEFT computes (lora_alpha / r)·B·A;
 our scale is folded into B and lora_alpha set to r, so no serving stack's handling of alpha can change the result.
+An SVD-initialised LoRA trained on a residual base; on the original base its update is B·A − B0·A0, exported as a
+rank-2r LoRA (PEFT's own conversion of PiSSA adapters), so it is served on the unmodified base like any other.
 
 Compact NOLA: the coefficients and seeds only, optionally re-quantised to 3 or 4 bits after training.
 """
@@ -40,12 +42,13 @@ def export_peft_lora(adapter: AdapterFile, out_dir: Path, dtype: torch.dtype, ba
         a, b = adapter_factors(adapter, name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (b * config.scale).to(dtype).contiguous()
+    rank = 2 * config.rank if config.init == "svd" else config.rank
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_name,
-        "r": config.rank,
-        "lora_alpha": config.rank,  # scaling 1: alpha/r is already in lora_B
+        "r": rank,
+        "lora_alpha": rank,  # scaling 1: alpha/r is already in lora_B
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

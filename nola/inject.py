@@ -19,6 +19,7 @@ from nola.adapter_config import LLAMA_LINEAR_MODULES, AdapterConfig
 from nola.errors import NolaError
 from nola.layers import AdaptedLinear, base_layer_types
 from nola.quant import packed_bytes
+from nola.svd_init import check_svd_rank, dense_weight, subtract_from_base, svd_factors
 
 _CONFIG_ATTRIBUTE = "nola_adapter_config"
 _BASE_ATTRIBUTE = "nola_base_description"
@@ -57,25 +58,45 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
     return chosen
 
 
-def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def attach(model: nn.Module, config: AdapterConfig,
+           residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """Adapt `model` in place: wrap every target Linear, freeze everything but the adapter, return the model.
 
     Works on a model built on the meta device too (the coefficients are then meta tensors). A model can carry one
     adapter; seeds given in `config.module_seeds` are used as they are (that is how a saved adapter is rebuilt).
+    With `init: svd` every target's base weight becomes its residual: from `residuals` ({module name: (A0, B0)},
+    an adapter file's) when given, else from a fresh SVD of the weight.
     """
     if getattr(model, _CONFIG_ATTRIBUTE, None) is not None:
         raise NolaError("attach: the model already carries a nola adapter")
     names = find_target_modules(model, config.target_modules)
     seeds = {name: config.module_seeds.get(name, module_seed(config.seed, name)) for name in names}
+    if config.init == "svd":  # all checked before any base weight is replaced
+        for name in names:
+            check_svd_rank(name, model.get_submodule(name), config.rank)
     setattr(model, _BASE_ATTRIBUTE, describe_base(model))  # now: under ZeRO-3 the weights are partitioned later
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, AdaptedLinear(getattr(parent, child_name), config, seeds[name]))
+        base = getattr(parent, child_name)
+        factors = _initial_svd_factors(name, base, config, seeds[name], residuals) if config.init == "svd" else None
+        setattr(parent, child_name, AdaptedLinear(base, config, seeds[name], factors))
     setattr(model, _CONFIG_ATTRIBUTE, dataclasses.replace(config, module_seeds=seeds))
     return model
+
+
+def _initial_svd_factors(name: str, layer: nn.Module, config: AdapterConfig, seed: int,
+                         residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A0, B0) for one layer of an `init: svd` LoRA, subtracted from its base weight (nothing on the meta device)."""
+    if layer.weight.is_meta:
+        return None
+    factors = residuals[name] if residuals is not None else svd_factors(dense_weight(layer), config.rank,
+                                                                        config.scale, seed)
+    subtract_from_base(layer, *factors, config.scale)
+    return factors
 
 
 def embedding_sample(weight: torch.Tensor, dtype: torch.dtype | None = None) -> list[float]:
@@ -113,17 +134,26 @@ def describe_base(model: nn.Module) -> dict:
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """The base model's function inside the block (every adapted layer's update scaled by 0), the adapter's after:
-    how far an adapter moves the outputs, measured in the very model and arithmetic that carry it."""
+    """The base model's function inside the block, the adapter's after: how far an adapter moves the outputs,
+    measured in the very model and arithmetic that carry it. Each adapted layer's update is scaled by 0, except an
+    SVD start's, whose base holds the residual: its A and B go back to A0 and B0, which add the base's top part back
+    (on a 4-bit base, up to the residual's re-quantisation)."""
     modules = [module for _, module in adapted_modules(model)]
-    scales = [module.scale for module in modules]
-    for module in modules:
-        module.scale = 0.0
+    saved = [(module.scale, module.stored_tensors()) for module in modules]
+    with torch.no_grad():
+        for module, (_, tensors) in zip(modules, saved):
+            if module.residual is None:
+                module.scale = 0.0
+                continue
+            for name, residual in (("lora_a", module.residual[0]), ("lora_b", module.residual[1])):
+                setattr(module, name, nn.Parameter(residual.to(tensors[name]), requires_grad=False))
     try:
         yield model
     finally:
-        for module, scale in zip(modules, scales):
+        for module, (scale, tensors) in zip(modules, saved):
             module.scale = scale
+            if module.residual is not None:
+                module.lora_a, module.lora_b = tensors["lora_a"], tensors["lora_b"]
 
 
 def record_mixed_precision(model: nn.Module, mixed_precision: str) -> None:
@@ -213,7 +243,7 @@ def parameter_report(model: nn.Module) -> dict[str, float | int]:
     adapter_bytes = 0
     modules = list(adapted_modules(model))
     for _, module in modules:
-        for tensor in module.trainable_tensors().values():
+        for tensor in module.stored_tensors().values():
             if config is not None and config.quant_bits and module.method == "nola":
                 adapter_bytes += packed_bytes(tensor.numel(), config.quant_bits)
             else:

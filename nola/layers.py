@@ -3,7 +3,9 @@
     y = base(x) + (alpha / r) · B(A(dropout(x)))
 
 method "nola":  A = A0 + Σᵢ αᵢ·Uᵢ/√k_A  (r × in),   B = Σⱼ βⱼ·Vⱼ/√k_B  (out × r)
-method "lora":  A, B plain trainable matrices (the baseline, initialised like LoRA: A from the same seeded A0, B = 0)
+method "lora":  A, B plain matrices (the baselines). init "random": A from the same seeded A0, B = 0, as LoRA;
+                init "svd": A0, B0 from the base weight's top singular triplets, the base holding the residual
+                (nola/svd_init.py). freeze_a: A stays as initialised (frozen) and only B trains (LoRA-FA).
 
 A0 is the frozen kaiming-uniform matrix LoRA would start from, regenerated from the seed; α = β = 0 at start, so
 the adapted layer equals the base layer exactly until the first update. Only α and β are parameters: the bases are
@@ -41,7 +43,9 @@ def coefficient_dtype(base_layer: nn.Module) -> torch.dtype:
 class AdaptedLinear(nn.Module):
     """A frozen base Linear plus a NOLA or LoRA update; `base_layer` keeps the original module untouched."""
 
-    def __init__(self, base_layer: nn.Module, config: AdapterConfig, seed: int) -> None:
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, seed: int,
+                 svd_factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """`svd_factors`: (A0, B0) of an `init: svd` LoRA, already subtracted from `base_layer`'s weight."""
         super().__init__()
         self.base_layer = base_layer
         self.method = config.method
@@ -55,23 +59,42 @@ class AdaptedLinear(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         device = base_layer.weight.device
         dtype = coefficient_dtype(base_layer)
+        self.residual: tuple[torch.Tensor, torch.Tensor] | None = None  # (A0, B0) of init: svd
         if self.method == "nola":
             self.coefficients_a = nn.Parameter(torch.zeros(config.basis_size_a, dtype=dtype, device=device))
             self.coefficients_b = nn.Parameter(torch.zeros(config.basis_size_b, dtype=dtype, device=device))
             self.materialized = MaterializedMatrices(seed, self.rank, self.in_features, self.out_features,
                                                      self.chunk_bytes)
         else:
-            lora_a = torch.empty(self.rank, self.in_features, dtype=dtype, device=device)
-            if device.type != "meta":
-                lora_a.copy_(initial_a(seed, self.rank, self.in_features, dtype, device))
-            self.lora_a = nn.Parameter(lora_a)
-            self.lora_b = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=dtype, device=device))
+            self._init_lora(config, seed, dtype, device, svd_factors)
 
-    def trainable_tensors(self) -> dict[str, nn.Parameter]:
-        """The adapter's own parameters by their short name: what an adapter file stores."""
+    def _init_lora(self, config: AdapterConfig, seed: int, dtype: torch.dtype, device: torch.device,
+                   svd_factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        lora_a = torch.zeros(self.rank, self.in_features, dtype=dtype, device=device)
+        lora_b = torch.zeros(self.out_features, self.rank, dtype=dtype, device=device)
+        if device.type != "meta":
+            if svd_factors is not None:
+                lora_a.copy_(svd_factors[0])
+                lora_b.copy_(svd_factors[1])
+            else:
+                lora_a.copy_(initial_a(seed, self.rank, self.in_features, dtype, device))
+        # What init: svd subtracted from the base, kept (on the CPU, outside the module's state: no engine syncs,
+        # casts or partitions it) for the adapter file, which needs it to rebuild the residual from the original base.
+        if config.init == "svd":
+            self.residual = tuple(t.clone() if t.is_meta else t.cpu().clone() for t in (lora_a, lora_b))
+        # LoRA-FA: a frozen parameter, not a buffer: DDP would broadcast a buffer before every forward.
+        self.lora_a = nn.Parameter(lora_a, requires_grad=not config.freeze_a)
+        self.lora_b = nn.Parameter(lora_b)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """What an adapter file stores of this layer, by short name: the trained tensors, plus a frozen A (LoRA-FA)
+        and the factors subtracted from the base (init: svd), which no seed regenerates."""
         if self.method == "nola":
             return {"coefficients_a": self.coefficients_a, "coefficients_b": self.coefficients_b}
-        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
+        stored = {"lora_a": self.lora_a, "lora_b": self.lora_b}
+        if self.residual is not None:
+            stored.update(residual_a=self.residual[0], residual_b=self.residual[1])
+        return stored
 
     def _coefficients(self, values: torch.Tensor) -> torch.Tensor:
         """Coefficients as the forward uses them: fake-quantised when training with quant_bits."""

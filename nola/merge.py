@@ -1,4 +1,5 @@
-"""Merging an adapter into its base checkpoint, one shard at a time: W' = W + (alpha/r)·B·A for every adapted module.
+"""Merging an adapter into its base checkpoint, one shard at a time: W' = W + (alpha/r)·B·A for every adapted module
+(for an SVD-initialised LoRA, W − (alpha/r)·B0·A0 + (alpha/r)·B·A: the residual it trained on, plus its update).
 
 A 70B base does not fit in memory in fp32, and need not: each input shard is read tensor by tensor, each adapted
 weight is merged in fp32 and cast to the output dtype, and the output is written in shards planned up front from the
@@ -127,7 +128,7 @@ def check_base_checkpoint(base_dir: Path, adapter: AdapterFile, headers: dict) -
         check_embedding_sample(embedding, _embedding_sample(shard, embedding, shape), adapter.directory)
 
 
-def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def trained_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of one adapted module in float32 (r × in, out × r), regenerated from the adapter file: exactly the
     matrices the layer computes with."""
     config = adapter.config
@@ -139,8 +140,19 @@ def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torc
                          in_features, out_features, config.basis_chunk_bytes)
 
 
+def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), float32, of the module's update relative to the original base weight: (alpha/r)·B·A is what the
+    adapter adds to it. For an SVD start that is B·A − B0·A0 (training subtracted B0·A0 from the base), the rank-2r
+    pair [B, −B0]·[A; A0], as PEFT converts PiSSA adapters."""
+    a, b = trained_factors(adapter, name)
+    if adapter.config.init != "svd":
+        return a, b
+    a0, b0 = adapter.values[f"{name}.residual_a"].float(), adapter.values[f"{name}.residual_b"].float()
+    return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
+
+
 def adapter_delta(adapter: AdapterFile, name: str) -> torch.Tensor:
-    """(alpha/r)·B·A of one adapted module, float32."""
+    """(alpha/r)·B·A of one adapted module relative to the original base weight, float32."""
     a, b = adapter_factors(adapter, name)
     return (b @ a) * adapter.config.scale
 
@@ -162,10 +174,19 @@ def merged_tensor(key: str, headers: dict, adapter: AdapterFile, dtype: torch.dt
     module = key.removesuffix(".weight")
     with safe_open(str(headers[key][0]), framework="pt") as handle:
         tensor = handle.get_tensor(key)
-    if quantization and key.endswith(".weight") and module in quantization["modules"]:
+    if not key.endswith(".weight"):
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+    quantised = quantization is not None and module in quantization["modules"]
+    if quantised:
         tensor = as_trained(tensor, quantization)
-    if key.endswith(".weight") and module in adapter.modules:
-        tensor = tensor.float() + adapter_delta(adapter, module)
+    if module in adapter.modules:
+        if quantised and adapter.config.init == "svd":  # the residual was re-quantised: merge exactly that
+            a0, b0 = adapter.values[f"{module}.residual_a"].float(), adapter.values[f"{module}.residual_b"].float()
+            tensor = as_trained(tensor.float() - adapter.config.scale * (b0 @ a0), quantization)
+            a, b = trained_factors(adapter, module)
+            tensor = tensor.float() + adapter.config.scale * (b @ a)
+        else:
+            tensor = tensor.float() + adapter_delta(adapter, module)
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 

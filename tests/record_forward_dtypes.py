@@ -26,7 +26,7 @@ adapter_matrices = AdaptedLinear.adapter_matrices
 
 def recording_adapter_matrices(self):
     a, b = adapter_matrices(self)
-    trained = next(iter(self.trainable_tensors().values()))
+    trained = next(iter(self.stored_tensors().values()))
     seen.add((str(trained.dtype), str(a.dtype), str(b.dtype), torch.is_autocast_enabled(a.device.type)))
     return a, b
 

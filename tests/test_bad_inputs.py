@@ -112,6 +112,12 @@ TRAIN_CASES = [
     ([TINY, "adapter.num_basis=0"], "adapter.num_basis: must be an integer >= 1"),
     ([TINY, "adapter.method=vera"], "adapter.method: 'vera' is not one of nola, lora"),
     ([TINY, "adapter.seed=3"], "adapter.seed is derived, not set: use train.seed"),
+    ([TINY, "adapter.init=pissa"], "adapter.init must be one of 'random', 'svd', got 'pissa'"),
+    ([TINY, "adapter.freeze_a=sometimes"], "adapter.freeze_a must be bool, got 'sometimes'"),
+    ([TINY, "adapter.init=svd"], "adapter.init: svd is for method lora: NOLA's A0 is a seeded random matrix"),
+    ([TINY, "adapter.freeze_a=true"], "adapter.freeze_a: true is for method lora"),
+    ([TINY, "adapter.method=lora", "adapter.init=svd", "adapter.rank=4096"], "adapter.rank: 4096 exceeds the "
+                                                                             "smaller side of model.layers.0"),
     ([TINY, "data.source_max_len=0"], "data.source_max_len must be > 0"),
     ([TINY, "data.target_max_len=-5"], "data.target_max_len must be > 0"),
     ([TINY, "train.micro_batch_size=0"], "train.micro_batch_size must be >= 1"),

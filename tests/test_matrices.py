@@ -26,7 +26,7 @@ def two_layer_model(dtype=torch.float64, **settings) -> nn.Sequential:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for layer in (model[0], model[2]):
-        for coefficients in layer.trainable_tensors().values():
+        for coefficients in layer.stored_tensors().values():
             coefficients.requires_grad_(True)
             with torch.no_grad():
                 coefficients.normal_()

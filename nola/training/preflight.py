@@ -18,6 +18,7 @@ from nola.data import PreparedData, StepBatches, data_fingerprint, load_records,
 from nola.errors import NolaError
 from nola.fused import requested_backend
 from nola.inject import find_target_modules
+from nola.svd_init import check_svd_rank
 from nola.merge import checkpoint_shards
 from nola.mmlu import load_mmlu
 from nola.modeling import ModelSection, build_meta_model, check_model_source, load_tokenizer
@@ -28,7 +29,7 @@ from nola.training.run_lock import acquire_run_lock
 
 # Adapter settings a checkpoint must share with the recipe to resume (chunk size is a runtime setting).
 _RESUME_ADAPTER_KEYS = ("method", "rank", "alpha", "basis_size_a", "basis_size_b", "target_modules", "seed",
-                        "dropout", "quant_bits")
+                        "dropout", "quant_bits", "init", "freeze_a")
 
 
 def check_data(config: RecipeConfig, data: PreparedData, record_count: int) -> None:
@@ -40,7 +41,10 @@ def check_data(config: RecipeConfig, data: PreparedData, record_count: int) -> N
 def check_architecture(config: RecipeConfig, model_section: ModelSection) -> nn.Module:
     """The model skeleton on the meta device, after checking the adapter's target modules exist in it."""
     skeleton = build_meta_model(model_section)
-    find_target_modules(skeleton, config.adapter.target_modules)
+    targets = find_target_modules(skeleton, config.adapter.target_modules)
+    if config.adapter.init == "svd":
+        for name in targets:
+            check_svd_rank(name, skeleton.get_submodule(name), config.adapter.rank)
     return skeleton
 
 
@@ -90,6 +94,18 @@ def check_precision(config: RecipeConfig) -> None:
                         "adapter's float32 parameters to fp16); use bf16, or fp16 without DeepSpeed")
 
 
+def check_frozen_adapter_engine(config: RecipeConfig, accelerator) -> None:
+    """Refuse LoRA-FA and SVD starts under DeepSpeed ZeRO-3: it partitions every parameter, the frozen A included
+    (nola gathers only trained ones for checkpoints and the final adapter), and a float base as it loads, before
+    the SVD could read it. ZeRO-2 and DDP keep both whole."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    adapter = config.adapter
+    if plugin is not None and plugin.zero_stage == 3 and (adapter.freeze_a or adapter.init == "svd"):
+        key = "adapter.freeze_a: true" if adapter.freeze_a else "adapter.init: svd"
+        raise NolaError(f"{key} is not supported under DeepSpeed ZeRO-3 (it partitions the frozen A and the base "
+                        f"weights an SVD start reads); launch with recipes/accelerate/zero2.yaml or ddp.yaml")
+
+
 def resolve_resume(config: RecipeConfig, checkpoints_dir: Path, accelerator) -> Path | None:
     """The checkpoint to resume from: `auto` picks the newest valid one (or none), a path must verify. Rank 0
     decides and tells the others, so all ranks resume from the same step even if a checkpoint changes meanwhile."""
@@ -128,6 +144,7 @@ def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
     resume_dir = resolve_resume(config, checkpoints_dir, accelerator)
     requested_backend()
     check_precision(config)
+    check_frozen_adapter_engine(config, accelerator)
     if not config.model.name_or_path.startswith(embedded.PREFIX):
         if Path(check_model_source(config.model.name_or_path)).is_dir():
             checkpoint_shards(Path(config.model.name_or_path))  # safetensors weights only: refuse .bin pickles now

@@ -19,19 +19,21 @@ import json
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nola import embedded
-from nola.adapter_io import save_adapter
+from nola.adapter_io import read_adapter, residual_factors, save_adapter
 from nola.answer_accuracy import answer_accuracy, format_answer_accuracy
-from nola.data import data_fingerprint
+from nola.data import collate, data_fingerprint
 from nola.errors import NolaError
 from nola.evaluation import evaluate, token_loss_sum
 from nola.inference import print_samples, sample_generations
 from nola.inject import (
+    adapted_modules,
     attach,
     discard_deferred_gradients,
     parameter_report,
@@ -168,9 +170,9 @@ class FineTuneRecipe:
         """The base with the adapter attached, its optimizer and schedule, wrapped by the engine."""
         config, mixed_precision = self.config, self.config.train.mixed_precision
         model = load_model(self.plan.model_section, self.accelerator.device, mixed_precision)
-        attach(model, config.adapter_config())
+        svd_report = self._attach_adapter(model)
         record_mixed_precision(model, mixed_precision)
-        self.report = parameter_report(model)
+        self.report = {**parameter_report(model), **svd_report}
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.parameters, config)
         self.scheduler = make_scheduler(optimizer, config)
@@ -182,6 +184,50 @@ class FineTuneRecipe:
         check_trainable_dtypes(self.unwrapped)
         self.deferred = use_deferred_projection(config, self.unwrapped, self.use_deepspeed, self.is_main)
         self.scaler = getattr(self.accelerator, "scaler", None)  # fp16 loss scaling (CUDA, without DeepSpeed)
+
+    def _attach_adapter(self, model: torch.nn.Module) -> dict[str, float]:
+        """Attach the recipe's adapter. An SVD start (`adapter.init: svd`) replaces each base weight by its residual:
+        its time and how far it moves the model at step 0 (float rounding on a float base; the re-quantisation of
+        the residual on a 4-bit one) are printed and returned for the run summary. On resume the residual is
+        rebuilt from the checkpoint's adapter file, not from a second SVD."""
+        adapter = self.config.adapter_config()
+        if adapter.init != "svd":
+            attach(model, adapter)
+            return {}
+        held_out = bool(self.plan.data.validation)
+        examples = (self.plan.data.validation or self.plan.data.train)[: self.config.train.micro_batch_size]
+        batch = {k: v.to(self.accelerator.device) for k, v in
+                 collate(examples, self.plan.tokenizer.pad_token_id).items()}
+        base_logits, base_loss = self._probe(model, batch)
+        resumed = self.plan.resume_dir is not None
+        started = time.perf_counter()
+        attach(model, adapter, residuals=residual_factors(read_adapter(self.plan.resume_dir / "adapter"))
+               if resumed else None)
+        seconds = time.perf_counter() - started
+        logits, loss = self._probe(model, batch)
+        report = {"svd_init_seconds": round(seconds, 3),
+                  "svd_step0_max_logit_change": float((logits - base_logits).abs().max()),
+                  "svd_step0_loss_change": loss - base_loss}
+        if self.is_main:
+            kind = "held-out" if held_out else "training"
+            print(f"nola: SVD start of {len(list(adapted_modules(model)))} modules in {seconds:.1f} s"
+                  f"{' (residual from the checkpoint)' if resumed else ''}; step 0 against the base on "
+                  f"{len(examples)} {kind} records: max |logit change| {report['svd_step0_max_logit_change']:.3g}, "
+                  f"loss {base_loss:.4f} -> {loss:.4f}")
+        return report
+
+    @torch.no_grad()
+    def _probe(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """Logits and mean token loss of one batch, in eval mode and the run's autocast (as the loop computes)."""
+        mixed_precision = self.config.train.mixed_precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        training = model.training
+        model.eval()
+        with torch.autocast(self.accelerator.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum, tokens = token_loss_sum(model, batch)
+        model.train(training)
+        return logits, loss_sum.item() / max(tokens, 1)
 
     def _restore(self) -> None:
         """Parameters, optimizer, schedule, loss scale, counters and data position from the resume checkpoint."""
