@@ -10,7 +10,7 @@ import sys
 from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "nola"
-METHOD_MODULES = ("basis", "fused", "autograd", "matrices", "layers", "quant", "inject", "adapter_config",
+METHOD_MODULES = ("basis", "fused", "autograd", "matrices", "layers", "quant", "inject", "svd_init", "adapter_config",
                   "adapter_io")
 MAX_FUNCTION_LINES = 80
 
