@@ -19,7 +19,7 @@ from nola.adapter_config import LLAMA_LINEAR_MODULES, AdapterConfig
 from nola.errors import NolaError
 from nola.layers import AdaptedLinear, base_layer_types
 from nola.quant import packed_bytes
-from nola.svd_init import check_svd_rank, dense_weight, subtract_from_base, svd_factors
+from nola.svd_init import check_svd_ranks, dense_weight, subtract_from_base, svd_factors
 
 _CONFIG_ATTRIBUTE = "nola_adapter_config"
 _BASE_ATTRIBUTE = "nola_base_description"
@@ -71,9 +71,8 @@ def attach(model: nn.Module, config: AdapterConfig,
         raise NolaError("attach: the model already carries a nola adapter")
     names = find_target_modules(model, config.target_modules)
     seeds = {name: config.module_seeds.get(name, module_seed(config.seed, name)) for name in names}
-    if config.init == "svd":  # all checked before any base weight is replaced
-        for name in names:
-            check_svd_rank(name, model.get_submodule(name), config.rank)
+    if config.init == "svd":
+        check_svd_ranks(model, names, config.rank)
     setattr(model, _BASE_ATTRIBUTE, describe_base(model))  # now: under ZeRO-3 the weights are partitioned later
     for parameter in model.parameters():
         parameter.requires_grad_(False)

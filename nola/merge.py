@@ -26,6 +26,7 @@ from nola.adapter_io import (
     AdapterFile,
     check_base_model,
     check_embedding_sample,
+    residual_factors,
     write_directory_atomically,
 )
 from nola.errors import NolaError
@@ -145,9 +146,10 @@ def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torc
     adapter adds to it. For an SVD start that is B·A − B0·A0 (training subtracted B0·A0 from the base), the rank-2r
     pair [B, −B0]·[A; A0], as PEFT converts PiSSA adapters."""
     a, b = trained_factors(adapter, name)
-    if adapter.config.init != "svd":
+    residuals = residual_factors(adapter)
+    if residuals is None:
         return a, b
-    a0, b0 = adapter.values[f"{name}.residual_a"].float(), adapter.values[f"{name}.residual_b"].float()
+    a0, b0 = (t.float() for t in residuals[name])
     return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
 
 
@@ -181,7 +183,7 @@ def merged_tensor(key: str, headers: dict, adapter: AdapterFile, dtype: torch.dt
         tensor = as_trained(tensor, quantization)
     if module in adapter.modules:
         if quantised and adapter.config.init == "svd":  # the residual was re-quantised: merge exactly that
-            a0, b0 = adapter.values[f"{module}.residual_a"].float(), adapter.values[f"{module}.residual_b"].float()
+            a0, b0 = (t.float() for t in residual_factors(adapter)[module])
             tensor = as_trained(tensor.float() - adapter.config.scale * (b0 @ a0), quantization)
             a, b = trained_factors(adapter, module)
             tensor = tensor.float() + adapter.config.scale * (b @ a)

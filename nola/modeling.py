@@ -156,9 +156,14 @@ def autocast_forward(model: nn.Module, mixed_precision: str, device_type: str | 
     if mixed_precision == "no":
         return model
     device_type = device_type or next(model.parameters()).device.type
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-    model.forward = torch.autocast(device_type, dtype=dtype)(model.forward)
+    model.forward = autocast(mixed_precision, device_type)(model.forward)
     return model
+
+
+def autocast(mixed_precision: str, device_type: str) -> torch.autocast:
+    """torch.autocast in the run's mixed precision ("bf16", "fp16"; "no": a disabled one)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
 
 def load_tokenizer(section: ModelSection, tokenizer_source: str | None):

@@ -80,7 +80,10 @@ def subtract_from_base(layer: nn.Module, a0: torch.Tensor, b0: torch.Tensor, sca
     weight.quant_state = state
 
 
-def check_svd_rank(name: str, layer: nn.Module, rank: int) -> None:
-    if rank > min(layer.in_features, layer.out_features):
-        raise NolaError(f"adapter.rank: {rank} exceeds the smaller side of {name} ({layer.out_features}x"
-                        f"{layer.in_features}), which init: svd cannot split into {rank} singular triplets")
+def check_svd_ranks(model: nn.Module, names: list[str], rank: int) -> None:
+    """Every target layer must have `rank` singular triplets to split off; checked before any weight changes."""
+    for name in names:
+        layer = model.get_submodule(name)
+        if rank > min(layer.in_features, layer.out_features):
+            raise NolaError(f"adapter.rank: {rank} exceeds the smaller side of {name} ({layer.out_features}x"
+                            f"{layer.in_features}), which init: svd cannot split into {rank} singular triplets")

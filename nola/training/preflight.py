@@ -18,7 +18,7 @@ from nola.data import PreparedData, StepBatches, data_fingerprint, load_records,
 from nola.errors import NolaError
 from nola.fused import requested_backend
 from nola.inject import find_target_modules
-from nola.svd_init import check_svd_rank
+from nola.svd_init import check_svd_ranks
 from nola.merge import checkpoint_shards
 from nola.mmlu import load_mmlu
 from nola.modeling import ModelSection, build_meta_model, check_model_source, load_tokenizer
@@ -43,8 +43,7 @@ def check_architecture(config: RecipeConfig, model_section: ModelSection) -> nn.
     skeleton = build_meta_model(model_section)
     targets = find_target_modules(skeleton, config.adapter.target_modules)
     if config.adapter.init == "svd":
-        for name in targets:
-            check_svd_rank(name, skeleton.get_submodule(name), config.adapter.rank)
+        check_svd_ranks(skeleton, targets, config.adapter.rank)
     return skeleton
 
 

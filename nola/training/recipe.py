@@ -30,7 +30,7 @@ from nola.adapter_io import read_adapter, residual_factors, save_adapter
 from nola.answer_accuracy import answer_accuracy, format_answer_accuracy
 from nola.data import collate, data_fingerprint
 from nola.errors import NolaError
-from nola.evaluation import evaluate, token_loss_sum
+from nola.evaluation import evaluate, logits_loss_sum, token_loss_sum
 from nola.inference import print_samples, sample_generations
 from nola.inject import (
     adapted_modules,
@@ -41,7 +41,7 @@ from nola.inject import (
     record_mixed_precision,
 )
 from nola.mmlu import mmlu_accuracy
-from nola.modeling import autocast_forward, load_model
+from nola.modeling import autocast, autocast_forward, load_model
 from nola.training.checkpoint import capture_rng, gather_training_state, load_checkpoint, rotate_checkpoints
 from nola.training.checkpoint import save_checkpoint as write_checkpoint
 from nola.training.config import RecipeConfig, TrainSection
@@ -219,14 +219,12 @@ class FineTuneRecipe:
     @torch.no_grad()
     def _probe(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """Logits and mean token loss of one batch, in eval mode and the run's autocast (as the loop computes)."""
-        mixed_precision = self.config.train.mixed_precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
         training = model.training
         model.eval()
-        with torch.autocast(self.accelerator.device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(self.config.train.mixed_precision, self.accelerator.device.type):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            loss_sum, tokens = token_loss_sum(model, batch)
         model.train(training)
+        loss_sum, tokens = logits_loss_sum(logits, batch["labels"])
         return logits, loss_sum.item() / max(tokens, 1)
 
     def _restore(self) -> None:
