@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from recipe_runs import ROOT, SHARED, pyplot, run_recipe, save_figure
+
 METHODS = {
     "lora-r8": ("recipes/7b_lora.yaml", ["adapter.rank=8", "adapter.alpha=16"]),
     "lora-fa-r8": ("recipes/7b_lora.yaml", ["adapter.rank=8", "adapter.alpha=16", "adapter.freeze_a=true"]),
@@ -59,34 +55,20 @@ def arguments() -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace, method: str, lr: float, output_dir: Path) -> dict:
-    """One run of train_llama.py; its eval-loss curve and parameter count from metrics.jsonl and run.json."""
+    """One run of train_llama.py: its eval-loss curve and parameter count."""
     recipe, keys = METHODS[method]
-    command = [sys.executable, "train_llama.py", recipe, *keys, f"model.name_or_path={args.model}",
-               f"data.path={args.data}", "mmlu.path=null", f"train.output_dir={output_dir}", f"train.lr={lr}",
-               f"train.seed={args.seed}", f"train.max_steps={args.steps}", f"train.eval_steps={args.eval_every}",
-               f"train.save_steps={args.steps}", "train.micro_batch_size=8", "train.grad_accum_steps=1",
-               "train.logging_steps=10", "data.validation_size=200", "data.source_max_len=128",
-               "data.target_max_len=128", "train.eval_max_batches=null", "log.wandb_mode=disabled"]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
-    started = time.perf_counter()
-    completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.exit(f"error: {method} at lr {lr} failed:\n{completed.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((output_dir / "run.json").read_text())
-    return {"method": method, "lr": lr, "seed": args.seed, "trainable_params": summary["trainable_params"],
-            "eval_loss": [[row["step"], row["eval_loss"]] for row in rows if "eval_loss" in row],
-            "seconds": round(time.perf_counter() - started, 1)}
+    overrides = [*keys, f"model.name_or_path={args.model}", f"data.path={args.data}", "mmlu.path=null",
+                 f"train.lr={lr}", f"train.seed={args.seed}", f"train.max_steps={args.steps}",
+                 f"train.eval_steps={args.eval_every}", f"train.save_steps={args.steps}", "train.micro_batch_size=8",
+                 "train.grad_accum_steps=1", "train.logging_steps=10", "data.validation_size=200",
+                 "data.source_max_len=128", "data.target_max_len=128", "train.eval_max_batches=null"]
+    run = run_recipe(recipe, overrides, output_dir, f"{method} at lr {lr}")
+    return {"method": method, "lr": lr, "seed": args.seed, "trainable_params": run["trainable_params"],
+            "eval_loss": run["eval_loss"], "seconds": run["seconds"]}
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("error: the plot needs matplotlib: pip install -e '.[bench]' (the JSON is written)")
+    plt = pyplot()
     lrs = sorted({run["lr"] for run in runs})
     figure, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.5), squeeze=False, sharey=True)
     for axis, lr in zip(axes[0], lrs):
@@ -99,8 +81,7 @@ def plot(runs: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     axes[0][0].set_ylabel("eval loss (200 held-out Alpaca records)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from nola.basis import DEFAULT_CHUNK_BYTES
 from nola.errors import NolaError
 from nola.quant import SUPPORTED_BITS
 
-METHODS = ("nola", "lora")
+METHODS = ("nola", "lora", "vera")
 INITS = ("random", "svd")
 
 # The seven projections of a LLaMA decoder layer; "all-linear" means these on LLaMA-family models.
@@ -25,14 +25,15 @@ LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class AdapterConfig:
     """Settings of a NOLA (or plain LoRA) adapter.
 
-    method: "nola" (A, B as linear combinations of seeded random bases) or "lora" (plain trainable A, B).
+    method: "nola" (A, B as linear combinations of seeded random bases), "lora" (plain trainable A, B) or "vera"
+        (VeRA: frozen random A, B shared by all layers, scaled by trained vectors; the extreme-compression peer).
     rank: r, the inner dimension of ΔW = B·A.
     alpha: ΔW is scaled by alpha / rank, as in LoRA.
-    num_basis: basis size for both A and B unless num_basis_a / num_basis_b say otherwise (ignored by "lora").
+    num_basis: basis size for both A and B unless num_basis_a / num_basis_b say otherwise ("nola" only).
     target_modules: "all-linear" or a list of module-name suffixes (e.g. ["q_proj", "v_proj"]).
     seed: the run seed; each adapted module derives its own seed from it and its name.
     dropout: dropout on the adapter's input (uses torch's global RNG when > 0).
-    quant_bits: None, 3 or 4: coefficients trained with a straight-through estimator and stored packed.
+    quant_bits: "nola" only. None, 3 or 4: coefficients trained with a straight-through estimator, stored packed.
     basis_chunk_bytes: working memory for regenerating the basis: a runtime setting, values do not depend on it.
     init: "lora" only. "random": A from the seeded kaiming-uniform A0, B = 0 (LoRA). "svd": A0, B0 from the top-r
         singular triplets of the base weight, and the base replaced by the residual (PiSSA; nola/svd_init.py).
@@ -74,11 +75,14 @@ class AdapterConfig:
             raise NolaError(f"adapter.init: {self.init!r} is not one of {', '.join(INITS)}")
         if not isinstance(self.freeze_a, bool):
             raise NolaError(f"adapter.freeze_a: must be true or false, got {self.freeze_a!r}")
-        if self.method == "nola" and (self.init != "random" or self.freeze_a):
+        if self.method != "lora" and (self.init != "random" or self.freeze_a):
             key = "init: svd" if self.init != "random" else "freeze_a: true"
-            raise NolaError(f"adapter.{key} is for method lora: NOLA's A0 is a seeded random matrix by design and "
-                            f"its A is already a few coefficients (use method: lora, or init: random and "
+            raise NolaError(f"adapter.{key} is for method lora: {self.method}'s A is a seeded random matrix by "
+                            f"design and it trains a few numbers already (use method: lora, or init: random and "
                             f"freeze_a: false)")
+        if self.method != "nola" and self.quant_bits is not None:
+            raise NolaError(f"adapter.quant_bits is for method nola (its coefficients are what is quantised), "
+                            f"got method {self.method!r}: set quant_bits: null")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 self.target_modules = [self.target_modules]

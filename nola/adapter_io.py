@@ -296,6 +296,9 @@ def _expected_shapes(config: AdapterConfig, modules: dict[str, list[int]], versi
             if config.init == "svd":
                 shapes[f"{name}.residual_a"] = (config.rank, in_features)
                 shapes[f"{name}.residual_b"] = (out_features, config.rank)
+        elif config.method == "vera":
+            shapes[f"{name}.vera_d"] = (config.rank,)
+            shapes[f"{name}.vera_b"] = (out_features,)
         else:
             shapes[f"{name}.coefficients_a"] = (config.basis_size_a,)
             shapes[f"{name}.coefficients_b"] = (config.basis_size_b,)

@@ -24,10 +24,13 @@ import torch
 
 GENERATOR_VERSION = "lowbias32-xor-v1"
 
-# Stream tags keep the frozen A0, the A basis and the B basis of one module independent of each other.
+# Stream tags keep the frozen A0, the A basis and the B basis of one module independent of each other, and of
+# VeRA's shared frozen projections (method vera: seeded by the run seed, not a module's).
 STREAM_A0 = 0x0A0A0A0A
 STREAM_A = 0x1B1B1B1B
 STREAM_B = 0x2C2C2C2C
+STREAM_VERA_A = 0x3D3D3D3D
+STREAM_VERA_B = 0x4E4E4E4E
 
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - (1 << 32)  # the same 32-bit pattern, as a signed int32

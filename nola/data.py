@@ -314,7 +314,7 @@ class StepBatches:
         return [collate([self.examples[i] for i in indices], self.pad_token_id) for indices in micro_batches]
 
 
-def data_fingerprint(stream: StepBatches) -> dict:
-    """What fixes the order of training examples: a checkpoint resumes exactly only on the same."""
-    return {"global_batch": stream.global_batch, "seed": stream.settings["seed"],
+def data_fingerprint(stream: StepBatches, split_seed: int) -> dict:
+    """What fixes the training examples and their order: a checkpoint resumes exactly only on the same."""
+    return {"global_batch": stream.global_batch, "seed": stream.settings["seed"], "split_seed": split_seed,
             "group_by_length": stream.settings["group_by_length"], "train_examples": len(stream.examples)}

@@ -6,6 +6,8 @@ method "nola":  A = A0 + Σᵢ αᵢ·Uᵢ/√k_A  (r × in),   B = Σⱼ βⱼ�
 method "lora":  A, B plain matrices (the baselines). init "random": A from the same seeded A0, B = 0, as LoRA;
                 init "svd": A0, B0 from the base weight's top singular triplets, the base holding the residual
                 (nola/svd_init.py). freeze_a: A stays as initialised (frozen) and only B trains (LoRA-FA).
+method "vera":  A = Λ_d·A_s, B = Λ_b·B_s with A_s, B_s frozen random projections shared by all layers (VeRA,
+                Kopiczko et al. 2024): only the vectors d (r, starting at 0.1) and b (out, starting at 0) train.
 
 A0 is the frozen kaiming-uniform matrix LoRA would start from, regenerated from the seed; α = β = 0 at start, so
 the adapted layer equals the base layer exactly until the first update. Only α and β are parameters: the bases are
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from nola.adapter_config import AdapterConfig
-from nola.matrices import MaterializedMatrices, initial_a
+from nola.matrices import MaterializedMatrices, initial_a, vera_matrices
 from nola.quant import fake_quantize
 
 
@@ -33,6 +35,10 @@ def base_layer_types() -> tuple[type, ...]:
     except ImportError:  # bitsandbytes is optional for plain float models
         return (nn.Linear,)
     return (nn.Linear, bnb.nn.Linear4bit)
+
+
+# VeRA's initial d: the value of its reference implementation (PEFT's VeraConfig.d_initial).
+VERA_D_INITIAL = 0.1
 
 
 def coefficient_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -65,6 +71,10 @@ class AdaptedLinear(nn.Module):
             self.coefficients_b = nn.Parameter(torch.zeros(config.basis_size_b, dtype=dtype, device=device))
             self.materialized = MaterializedMatrices(seed, self.rank, self.in_features, self.out_features,
                                                      self.chunk_bytes)
+        elif self.method == "vera":
+            self.projection_seed = config.seed  # the run's: VeRA's projections are shared by every layer
+            self.vera_d = nn.Parameter(torch.full((self.rank,), VERA_D_INITIAL, dtype=dtype, device=device))
+            self.vera_b = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device))
         else:
             self._init_lora(config, seed, dtype, device, svd_factors)
 
@@ -91,6 +101,8 @@ class AdaptedLinear(nn.Module):
         and the factors subtracted from the base (init: svd), which no seed regenerates."""
         if self.method == "nola":
             return {"coefficients_a": self.coefficients_a, "coefficients_b": self.coefficients_b}
+        if self.method == "vera":
+            return {"vera_d": self.vera_d, "vera_b": self.vera_b}
         stored = {"lora_a": self.lora_a, "lora_b": self.lora_b}
         if self.residual is not None:
             stored.update(residual_a=self.residual[0], residual_b=self.residual[1])
@@ -104,6 +116,8 @@ class AdaptedLinear(nn.Module):
         """(A, B) in the coefficient dtype, differentiable with respect to the trainable tensors."""
         if self.method == "lora":
             return self.lora_a, self.lora_b
+        if self.method == "vera":
+            return vera_matrices(self.vera_d, self.vera_b, self.projection_seed, self.in_features, self.out_features)
         return self.materialized.matrices(self._coefficients(self.coefficients_a),
                                           self._coefficients(self.coefficients_b))
 

@@ -20,12 +20,13 @@ Backward, two ways:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from nola.autograd import basis_combination, reused_combination
-from nola.basis import STREAM_A, STREAM_A0, STREAM_B, generate_basis
+from nola.basis import STREAM_A, STREAM_A0, STREAM_B, STREAM_VERA_A, STREAM_VERA_B, generate_basis
 from nola.fused import project
 
 
@@ -33,6 +34,31 @@ def initial_a(seed: int, rank: int, in_features: int, dtype: torch.dtype, device
     """The frozen A0 (r × in): uniform in ±1/√in, the bound of kaiming_uniform_(a=√5) that LoRA uses."""
     unit = generate_basis(seed, STREAM_A0, 0, 1, rank * in_features, device).view(rank, in_features)
     return unit.to(dtype) * (1.0 / math.sqrt(in_features))
+
+
+@functools.lru_cache(maxsize=64)
+def vera_projection(seed: int, stream: int, rank: int, features: int, dtype: torch.dtype, device: torch.device
+                    ) -> torch.Tensor:
+    """One of VeRA's frozen random projections, r × features, uniform in ±1/√fan_in (kaiming-uniform, as VeRA):
+    A (stream STREAM_VERA_A, r × in, fan_in = in) or Bᵀ (STREAM_VERA_B, r × out, fan_in of B = r).
+
+    Why cached and keyed by the run seed, not a module's: VeRA shares one frozen pair across all layers. Row i of
+    the seeded basis is a prefix-stable vector, so every layer's A (Bᵀ) is the first `features` columns of the
+    widest one, as VeRA slices its shared matrices; one tensor per distinct width serves all layers of that width,
+    made outside inference mode so that training may save it for backward."""
+    bound = 1.0 / math.sqrt(features if stream == STREAM_VERA_A else rank)
+    with torch.inference_mode(False), torch.no_grad():
+        return generate_basis(seed, stream, 0, rank, features, device).to(dtype) * bound
+
+
+def vera_matrices(lambda_d: torch.Tensor, lambda_b: torch.Tensor, seed: int, in_features: int, out_features: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's update as a LoRA pair: ΔW = Λ_b·B·Λ_d·A = (Λ_b·B)·(Λ_d·A), so A' = d ⊙ rows of A (r × in) and
+    B' = b ⊙ rows of B (out × r); differentiable in the scaling vectors d (r) and b (out), which alone train."""
+    rank = lambda_d.numel()
+    a = vera_projection(seed, STREAM_VERA_A, rank, in_features, lambda_d.dtype, lambda_d.device)
+    b_t = vera_projection(seed, STREAM_VERA_B, rank, out_features, lambda_d.dtype, lambda_d.device)
+    return lambda_d[:, None] * a, lambda_b[:, None] * b_t.t()
 
 
 def basis_scale(coefficients: torch.Tensor) -> float:

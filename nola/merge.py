@@ -31,7 +31,7 @@ from nola.adapter_io import (
 )
 from nola.errors import NolaError
 from nola.inject import EMBEDDING_SAMPLE_COLUMNS, embedding_sample_rows
-from nola.matrices import nola_matrices
+from nola.matrices import nola_matrices, vera_matrices
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -136,6 +136,9 @@ def trained_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torc
     if config.method == "lora":
         return adapter.values[f"{name}.lora_a"].float(), adapter.values[f"{name}.lora_b"].float()
     out_features, in_features = adapter.modules[name]
+    if config.method == "vera":
+        return vera_matrices(adapter.values[f"{name}.vera_d"].float(), adapter.values[f"{name}.vera_b"].float(),
+                             config.seed, in_features, out_features)
     return nola_matrices(adapter.values[f"{name}.coefficients_a"].float(),
                          adapter.values[f"{name}.coefficients_b"].float(), config.module_seeds[name], config.rank,
                          in_features, out_features, config.basis_chunk_bytes)

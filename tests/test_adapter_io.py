@@ -77,9 +77,10 @@ def test_reload_in_a_fresh_process_reproduces_logits_bit_for_bit(saved, tmp_path
     assert torch.equal(reloaded, expected)
 
 
-def test_lora_and_quantised_adapters_round_trip(tmp_path):
+def test_lora_vera_and_quantised_adapters_round_trip(tmp_path):
     for name, config in {
         "lora": nola.AdapterConfig(method="lora", rank=2, alpha=4, seed=3),
+        "vera": nola.AdapterConfig(method="vera", rank=8, alpha=8, seed=3),
         "q4": nola.AdapterConfig(rank=4, num_basis=64, quant_bits=4, seed=3),
         "q3": nola.AdapterConfig(rank=4, num_basis=64, quant_bits=3, seed=3),
     }.items():
@@ -88,7 +89,7 @@ def test_lora_and_quantised_adapters_round_trip(tmp_path):
         reloaded = nola.load_adapter(tiny_llama(), tmp_path / name)
         with torch.no_grad():
             difference = (reloaded(IDS).logits - model(IDS).logits).abs().max().item()
-        assert difference <= (0.0 if name == "lora" else 1e-6), name
+        assert difference <= (0.0 if name in ("lora", "vera") else 1e-6), name
     fp32 = nola.save_adapter(trained_model(nola.AdapterConfig(rank=4, num_basis=64, seed=3)), tmp_path / "fp32")
     full = (fp32 / WEIGHTS_FILE).stat().st_size  # whole files, safetensors headers included
     assert (tmp_path / "q4" / WEIGHTS_FILE).stat().st_size <= full / 7

@@ -59,7 +59,7 @@ def test_overrides_are_typed():
         ("train.lr=0", "train.lr must be > 0"),
         ("adapter.rank=0", "adapter.rank: must be an integer >= 1"),
         ("adapter.num_basis=0", "adapter.num_basis: must be an integer >= 1"),
-        ("adapter.method=vera", "adapter.method: 'vera' is not one of nola, lora"),
+        ("adapter.method=dora", "adapter.method: 'dora' is not one of nola, lora, vera"),
         ("adapter.seed=4", "adapter.seed is derived, not set: use train.seed"),
         ("data.source_max_len=0", "data.source_max_len must be > 0"),
         ("model.quant_type=int8", "model.quant_type must be one of 'nf4', 'fp4'"),

@@ -54,10 +54,14 @@ def adapter_on(base_dir, config: nola.AdapterConfig, directory):
     return model, nola.save_adapter(model, directory / "adapter")
 
 
-@pytest.fixture(scope="module", params=["nola", "lora"])
+METHOD_CONFIGS = {"nola": CONFIG, "lora": nola.AdapterConfig(method="lora", rank=4, alpha=8, seed=5),
+                  "vera": nola.AdapterConfig(method="vera", rank=4, alpha=4, seed=5)}
+
+
+@pytest.fixture(scope="module", params=list(METHOD_CONFIGS))
 def adapted(base_dir, tmp_path_factory, request):
-    """For NOLA and for the plain LoRA baseline."""
-    config = CONFIG if request.param == "nola" else nola.AdapterConfig(method="lora", rank=4, alpha=8, seed=5)
+    """For NOLA and for the baselines a user compares it with: plain LoRA and VeRA."""
+    config = METHOD_CONFIGS[request.param]
     return adapter_on(base_dir, config, tmp_path_factory.mktemp("adapter"))
 
 

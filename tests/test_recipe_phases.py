@@ -155,3 +155,28 @@ def test_gradients_accumulated_over_micro_batches_equal_those_of_one_big_batch(t
         assert losses[micro_batch] == pytest.approx(losses[4], rel=1e-5)
         assert torch.allclose(gradients[micro_batch], big, rtol=1e-2, atol=1e-2 * big.abs().max().item())
         assert (gradients[micro_batch] - big).norm() <= 1e-2 * big.norm()  # measured: 0.0025 (bf16 autocast)
+
+
+def test_split_seed_holds_the_held_out_records_fixed_across_run_seeds(tmp_path):
+    """Comparing seeds needs the same validation records; by default the split follows train.seed. A checkpoint
+    records the split seed, so a resume on another split (other training records) is refused."""
+    from accelerate.state import AcceleratorState
+
+    from nola.training.preflight import plan_run
+
+    def held_out(name: str, *overrides: str) -> list[list[int]]:
+        run = recipe(tmp_path / name, *overrides)
+        plan = plan_run(run.config, run.accelerator)
+        plan.run_lock.close()
+        return [example["input_ids"] for example in plan.data.validation]
+
+    reference = held_out("seed0", "train.seed=0")
+    assert held_out("seed1-split0", "train.seed=1", "data.split_seed=0") == reference
+    assert held_out("seed1", "train.seed=1") != reference
+    first = recipe(tmp_path / "resumed", "train.max_steps=1", "data.split_seed=0")
+    first.run()
+    first.plan.run_lock.close()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = recipe(tmp_path / "resumed", "train.max_steps=2", "data.split_seed=1", "train.resume_from=auto")
+    with pytest.raises(NolaError, match="was trained with split_seed=0, this run has split_seed=1"):
+        plan_run(resumed.config, resumed.accelerator)

@@ -30,6 +30,7 @@ class DataSection:
     target_max_len: int = 512
     train_on_source: bool = False
     validation_size: float = 0.05  # a fraction in (0, 1), or a whole number of records
+    split_seed: int | None = None  # seed of the train/validation split; null = train.seed
     group_by_length: bool = True
 
 
@@ -91,6 +92,11 @@ class RecipeConfig:
         """The core AdapterConfig, its module seeds derived from train.seed (the one seed of a run)."""
         return dataclasses.replace(self.adapter, seed=self.train.seed, module_seeds={})
 
+    def split_seed(self) -> int:
+        """The seed of the train/validation split: data.split_seed when set, else train.seed. A separate seed lets
+        runs of different seeds be compared on the same held-out records."""
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -103,6 +109,7 @@ _RANGES = [
     ("data.source_max_len", lambda v: v > 0, "> 0"),
     ("data.target_max_len", lambda v: v > 0, "> 0"),
     ("data.validation_size", lambda v: v >= 0 and (v < 1 or float(v).is_integer()), "a fraction in [0, 1) or a count"),
+    ("data.split_seed", lambda v: v is None or v >= 0, ">= 0"),
     ("train.max_steps", lambda v: v >= 1, ">= 1"),
     ("train.micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("train.grad_accum_steps", lambda v: v >= 1, ">= 1"),

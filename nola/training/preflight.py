@@ -153,7 +153,7 @@ def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
         mmlu_examples = load_mmlu(config.mmlu.path, config.mmlu.shots) if config.mmlu.path else []
     tokenizer = load_tokenizer(model_section, config.data.tokenizer)
     data = prepare_data(records, tokenizer, config.data.source_max_len, config.data.target_max_len,
-                        config.data.validation_size, train.seed, config.data.train_on_source)
+                        config.data.validation_size, config.split_seed(), config.data.train_on_source)
     check_data(config, data, len(records))
     skeleton = check_architecture(config, model_section)
     stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
@@ -162,7 +162,7 @@ def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
     if resume_dir is not None:
         saved = read_trainer_state(resume_dir)
         # Checkpoints written before the data fingerprint existed record the global batch alone.
-        check_resume(resume_dir, config, skeleton, data_fingerprint(stream),
+        check_resume(resume_dir, config, skeleton, data_fingerprint(stream, config.split_seed()),
                      saved.get("data", {"global_batch": saved.get("global_batch")}))
     run_lock = lock_output_dir(Path(train.output_dir), accelerator)
     if accelerator.is_main_process:

@@ -379,7 +379,7 @@ class FineTuneRecipe:
         training_state = gather_training_state(self.unwrapped, self.optimizer, self.use_deepspeed)
         if self.is_main:
             trainer_state = {**dataclasses.asdict(self.state), "epoch": position[0], "step_in_epoch": position[1],
-                             "data": data_fingerprint(stream),
+                             "data": data_fingerprint(stream, self.config.split_seed()),
                              "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
             write_checkpoint(directory, self.unwrapped, training_state, self.scheduler, trainer_state, rng)
             rotate_checkpoints(self.checkpoints_dir, self.config.train.save_total_limit)

