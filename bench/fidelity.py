@@ -1,7 +1,7 @@
 """Fidelity at width: NOLA against LoRA and VeRA on a real pretrained 576-wide LLaMA (SmolLM2-135M-Instruct), every
 run through train_llama.py itself, on the same Alpaca records and the same 200 held-out ones.
 
-    python bench/fidelity.py                                        # the full sweep (about 2 h on 2 cores)
+    python bench/fidelity.py                                        # the default sweep (about 2.4 h on 2 cores)
     python bench/fidelity.py --methods lora-r1,nola-k64 --seeds 0   # the headline pair (about 20 min)
     python bench/fidelity.py --methods nola-k64 --lrs 1e-2,3e-2     # a learning-rate grid
 

@@ -23,7 +23,7 @@ LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass
 class AdapterConfig:
-    """Settings of a NOLA (or plain LoRA) adapter.
+    """Settings of a NOLA adapter, or of the LoRA and VeRA baselines it is compared with.
 
     method: "nola" (A, B as linear combinations of seeded random bases), "lora" (plain trainable A, B) or "vera"
         (VeRA: frozen random A, B shared by all layers, scaled by trained vectors; the extreme-compression peer).
@@ -31,7 +31,8 @@ class AdapterConfig:
     alpha: ΔW is scaled by alpha / rank, as in LoRA.
     num_basis: basis size for both A and B unless num_basis_a / num_basis_b say otherwise ("nola" only).
     target_modules: "all-linear" or a list of module-name suffixes (e.g. ["q_proj", "v_proj"]).
-    seed: the run seed; each adapted module derives its own seed from it and its name.
+    seed: the run seed; each adapted module derives its own seed from it and its name (VeRA's shared projections
+        use it as it is).
     dropout: dropout on the adapter's input (uses torch's global RNG when > 0).
     quant_bits: "nola" only. None, 3 or 4: coefficients trained with a straight-through estimator, stored packed.
     basis_chunk_bytes: working memory for regenerating the basis: a runtime setting, values do not depend on it.

@@ -67,7 +67,7 @@ def test_named_targets_and_their_errors():
 
 @pytest.mark.parametrize(
     "settings, key",
-    [({"rank": 0}, "rank"), ({"num_basis": -1}, "num_basis"), ({"method": "vera"}, "method"),
+    [({"rank": 0}, "rank"), ({"num_basis": -1}, "num_basis"), ({"method": "dora"}, "method"),
      ({"alpha": 0}, "alpha"), ({"quant_bits": 2}, "quant_bits"), ({"dropout": 1.5}, "dropout")],
 )
 def test_invalid_adapter_settings_name_the_key(settings, key):
