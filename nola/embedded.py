@@ -263,8 +263,13 @@ def _build(target: Path) -> None:
     (target / ASSETS["tiny-instructions"]).write_text(json.dumps(records, indent=1) + "\n")
 
 
+def nola_cache_dir() -> Path:
+    """Where nola keeps what it builds or converts once: $NOLA_CACHE_DIR, default ~/.cache/nola."""
+    return Path(os.environ.get("NOLA_CACHE_DIR") or Path.home() / ".cache" / "nola")
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("NOLA_CACHE_DIR") or Path.home() / ".cache" / "nola") / VERSION
+    return nola_cache_dir() / VERSION
 
 
 def ensure_built() -> Path:
