@@ -7,6 +7,8 @@ Under 8 minutes on one CUDA GPU (--quick: fewer rounds, an 8-layer step-time mod
   cuda_nf4_adapter_merged_on_cpu  a NOLA adapter trained on CUDA over an nf4 base, merged on the CPU by nola.merge:
                                   |Δlogit| of the merged model against the CUDA adapter model.
   step_time, peak_memory_mb       NOLA r=16 k=1024 vs LoRA r=8 on a TinyLlama-1.1B-shaped nf4 model.
+  fsdp_lean_load                  the FSDP2 lean load of that model on one rank: max_memory_allocated at load and
+                                  over a step, against --dry-run's FSDP2 figures for one rank.
 A failing section reports {"error": ...} and the others still run. Without CUDA: {"skipped": ...}, exit 0, nothing
 imported but torch. NOLA_GPU_CHECK_DEVICE=cpu (a developer switch) runs every section on the CPU at tiny sizes, to
 exercise the code where there is no GPU; its numbers mean nothing. Not a test: pytest collects tests/ only.
@@ -305,6 +307,55 @@ def peak_memory(device: torch.device, mode: dict, model_dir: Path) -> dict:
     return report
 
 
+def fsdp_lean_load(device: torch.device, mode: dict, model_dir: Path) -> dict:
+    """The FSDP2 lean load of recipes/accelerate/fsdp.yaml on this GPU, one rank (world size 1: one GPU cannot
+    host two NCCL ranks): torch.cuda.max_memory_allocated (MiB) when the sharded load returns and over one training
+    step (NOLA attached, bf16 autocast, gradient checkpointing), beside `--dry-run`'s FSDP2 formulas for one rank
+    with CUDA kernels, less the 1 GiB context they add (the allocator does not see it). What more ranks change is
+    only 1/N of the shards, which the CPU measurement (bench/load_memory.py) covers."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from nola import AdapterConfig, attach
+    from nola.modeling import ModelSection, build_meta_model, estimate_memory
+    from nola.training.dry_run import fsdp_estimates
+    from nola.training.fsdp import load_sharded_model
+
+    cuda = device.type == "cuda"
+    os.environ.update(FSDP_VERSION="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    section = ModelSection(name_or_path=str(model_dir), load_in_4bit=True, quant_storage="bfloat16",
+                           gradient_checkpointing=True)
+    adapter = AdapterConfig(**VARIANTS[NOLA])
+    release(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    model = load_sharded_model(section, SimpleNamespace(device=device, num_processes=1), "bf16")
+    load_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    attach(model, adapter)
+    batch = token_batches(torch.Generator().manual_seed(4), 1, mode["micro_batch"], mode["bench_model"]["vocab_size"],
+                          device)[0]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    step_peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    meta = attach(build_meta_model(section), adapter)
+    trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+    memory = estimate_memory(meta, section, trainable, *mode["micro_batch"])
+    estimate = fsdp_estimates(memory, "cuda", processes=(1,))
+    context = memory["overhead_gib"] * 1024
+    report = {"load_peak_mib": load_peak, "step_peak_mib": step_peak,
+              "dry_run_load_mib": estimate["fsdp_load_peak_gib"]["1"] * 1024 - context,
+              "dry_run_step_mib": estimate["fsdp_step_peak_gib"]["1"] * 1024 - context}
+    if cuda:
+        report.update(dry_run_load_over_measured=report["dry_run_load_mib"] / load_peak,
+                      dry_run_step_over_measured=report["dry_run_step_mib"] / step_peak)
+    del model
+    dist.destroy_process_group()
+    return report
+
+
 def device_info(device: torch.device) -> dict:
     import bitsandbytes
     import transformers
@@ -359,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as scratch:
                 model_dir = Path(scratch) / "llama"
                 built = guarded(device, lambda: write_llama(model_dir, device, mode["bench_model"]) or {})
-                for key, section in (("step_time", step_time), ("peak_memory_mb", peak_memory)):
+                for key, section in (("step_time", step_time), ("peak_memory_mb", peak_memory),
+                                     ("fsdp_lean_load", fsdp_lean_load)):
                     report[key] = ({"error": f"building the step-time model: {built['error']}"} if "error" in built
                                    else guarded(device, section, device, mode, model_dir))
         with contextlib.suppress(Exception):  # an extra: perf.py's VmHWM reader, whole process

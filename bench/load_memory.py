@@ -1,12 +1,17 @@
-"""Load-time memory of a 4-bit base: one process against ZeRO-3 ranks, measured as peak RSS on CPU.
+"""Load and step memory of a 4-bit base: one process against FSDP2 ranks (nola's lean load) and ZeRO-3 ranks,
+measured as peak RSS on CPU.
 
-    .venv/bin/python bench/load_memory.py                       # ~400M-parameter random LLaMA, 1 and 2 processes
-    .venv/bin/python bench/load_memory.py --layers 4 --out bench/results/load_memory.json
+    .venv/bin/python bench/load_memory.py      # ~400M-parameter random LLaMA: 1 process, FSDP2 and ZeRO-3 over 2 and 4
+    .venv/bin/python bench/load_memory.py --layers 8 --engines fsdp,zero3 --processes 2,4 \
+        --out bench/results/load_memory.json  # the committed artefact the README quotes
 
 Why: transformers builds a quantised (bitsandbytes) model without deepspeed.zero.Init even under ZeRO-3
-(modeling_utils: `needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized ...`), so every rank
-quantises and holds the whole 4-bit model until `accelerator.prepare` partitions it. The question is whether each
-ZeRO-3 rank's load-time peak is the full 4-bit model or its 1/N share.
+(modeling_utils: `needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized ...`), so every ZeRO-3 rank
+quantises and holds the whole 4-bit model until `accelerator.prepare` partitions it. recipes/accelerate/fsdp.yaml
+shards each layer as it is read (nola.training.fsdp). The question is whether each rank's load and step peaks are
+the full 4-bit model or its 1/N share; `checks` in the JSON compares every FSDP2 run with the bound
+(4-bit model)/N + one dense bf16 layer + the quantisation constants + 15%, with the one-process step peak, and with
+the `--dry-run` figures for CPU kernels (`fsdp_cpu_kernels_*`).
 
 How: a random LLaMA wide enough that its 4-bit weights stand out from the ~0.5 GB of imported libraries is saved
 once (safetensors, `save_pretrained`) in a cache directory outside git (`--model-dir`, default
@@ -14,11 +19,12 @@ once (safetensors, `save_pretrained`) in a cache directory outside git (`--model
 recipes/70b.yaml: nf4, double quant, bf16 compute and quant storage, bf16 mixed precision):
 
     python train_llama.py RECIPE model.name_or_path=DIR ...                                   (one process)
-    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 2 train_llama.py RECIPE ...
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes N train_llama.py RECIPE ...
+    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes N train_llama.py RECIPE ...
 
 No project file is edited: the runs get a generated `sitecustomize.py` (a temporary directory on PYTHONPATH, active
 only in processes whose script is train_llama.py and only with NOLA_BENCH_MARKS set) that wraps
-`nola.modeling.load_model` and `Accelerator.prepare`. Each rank records, from /proc/self/status, VmRSS / RssAnon /
+`nola.modeling.load_model`, `nola.training.fsdp.load_sharded_model` and `Accelerator.prepare`. Each rank records, from /proc/self/status, VmRSS / RssAnon /
 RssFile / VmHWM when load_model is entered (the rank's own baseline: libraries imported, data tokenised, process
 group up, no weight yet), when it returns, when prepare returns and at exit; a thread samples the same fields every
 5 ms in between, so each phase has its own peak. VmHWM (exact, kernel-kept) also counts the file-backed pages of
@@ -26,12 +32,15 @@ the memory-mapped safetensors checkpoint, which on a GPU would be host RAM, not 
 peak (RssAnon, sampled) is the figure that stands for the 4-bit weights a GPU would hold. A separate process that
 imports the same libraries and loads nothing gives the plain import baseline. The 4-bit bytes of the model (packed
 weights + quantisation state + the unquantised rest) are counted on the loaded model itself; after prepare, the
-bytes each ZeRO-3 rank owns (its partitions) are counted too.
+bytes each ZeRO-3 rank owns (its partitions) are counted too; an FSDP2 rank's are its local shards from the start.
+The 5 ms sampling can miss the briefest transients (a quantisation chunk lives a few ms), so the sampled peaks are
+lower bounds.
 
 For RSS to follow live memory, the runs set MALLOC_MMAP_THRESHOLD_=65536 (glibc otherwise keeps freed tensors in
 its heaps, so RSS never falls after a partition is freed and depends on allocation order) and OMP_NUM_THREADS=1 (as
 torchrun gives each rank). Quantising on CPU goes through bitsandbytes' torch reference kernel, whose float32
-temporaries make the CPU load transient several times the one dense weight a GPU load holds; the resident 4-bit
+temporaries make the CPU load transient several times what a GPU load holds (nola's lean load quantises 4M
+weights at a time to bound it); the resident 4-bit
 model after load, and its fate at prepare, are the same on both. `--ds-set KEY=VALUE` overrides `zero_optimization`
 keys of recipes/deepspeed/zero3.json (e.g. stage3_max_live_parameters) to see what the ranks re-gather per step.
 
@@ -52,8 +61,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = Path("/work/shared/data/stories260K-hf")  # tokenizer (vocab 512) for the wide random model
-ALPACA = Path("/work/shared/data/alpaca/alpaca_subset.json")
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout
+TINY = SHARED_DATA / "stories260K-hf"  # tokenizer (vocab 512) for the wide random model
+ALPACA = SHARED_DATA / "alpaca" / "alpaca_subset.json"
 MIB = 2**20
 GIB = 2**30
 
@@ -150,6 +160,9 @@ def _model_bytes(model):
         ds_tensor = getattr(tensor, "ds_tensor", None)
         if ds_tensor is not None:
             owned += _tensor_bytes(ds_tensor)
+        if hasattr(tensor, "to_local"):  # an FSDP2 shard: this rank holds its local part only
+            owned += _tensor_bytes(tensor.to_local())
+            tensor = tensor.to_local()
         if state is not None:
             four_bit += _tensor_bytes(tensor)
             quant_state += _quant_state_bytes(state)
@@ -165,29 +178,33 @@ if _ACTIVE:
 
     import accelerate
     import nola.modeling
+    import nola.training.fsdp
 
     _sampler = _Sampler()
-    _load_model = nola.modeling.load_model
     _prepare = accelerate.Accelerator.prepare
 
-    def load_model(*args, **kwargs):
-        _write("load_start")
-        _sampler.start("load")
-        model = _load_model(*args, **kwargs)
-        _write("load_end", peaks=_sampler.switch("attach"), **_model_bytes(model))
-        return model
+    def _measured(load):
+        """A loader (plain or the sharded FSDP2 one) that opens the load phase and records the model it built."""
+        def measured_load(*args, **kwargs):
+            _write("load_start")
+            _sampler.start("load")
+            model = load(*args, **kwargs)
+            _write("load_end", peaks=_sampler.switch("attach"), **_model_bytes(model))
+            return model
+        return measured_load
 
     def prepare(self, *args, **kwargs):
         peaks = _sampler.switch("prepare")
         _write("prepare_start", peaks=peaks)
         prepared = _prepare(self, *args, **kwargs)
-        model = next((m for m in prepared if hasattr(m, "parameters")), None) if isinstance(prepared, tuple) \
-            else prepared
+        objects = prepared if isinstance(prepared, tuple) else (prepared,)
+        model = next((m for m in objects if hasattr(m, "named_modules")), None)  # FSDP2: only the optimizer
         model = getattr(model, "module", model)
         _write("prepare_end", peaks=_sampler.switch("train"), **(_model_bytes(model) if model is not None else {}))
         return prepared
 
-    nola.modeling.load_model = load_model
+    nola.modeling.load_model = _measured(nola.modeling.load_model)
+    nola.training.fsdp.load_sharded_model = _measured(nola.training.fsdp.load_sharded_model)
     accelerate.Accelerator.prepare = prepare
 
     @atexit.register
@@ -283,8 +300,10 @@ def run_training(label: str, processes: int, hook_dir: Path, work: Path, model_d
     marks = work / f"{label}.marks.jsonl"
     output_dir = work / f"{label}-run"
     command = [sys.executable, "train_llama.py", args.recipe, *overrides(model_dir, output_dir, args)]
-    if processes > 1 or args.zero3_single and label.startswith("zero3"):
-        command[1:2] = ["-m", "accelerate.commands.launch", "--config_file", str(zero3_config(work, args.ds_set)),
+    engine = label.split("-")[0]
+    if engine != "single":
+        config = zero3_config(work, args.ds_set) if engine == "zero3" else REPO_ROOT / "recipes/accelerate/fsdp.yaml"
+        command[1:2] = ["-m", "accelerate.commands.launch", "--config_file", str(config),
                         "--num_processes", str(processes), "--main_process_port", str(free_port()), "train_llama.py"]
     started = time.time()
     print(f"[{label}] {' '.join(command[1:])}", flush=True)
@@ -337,7 +356,9 @@ def dry_run_estimate(model_dir: Path, args) -> dict:
         [sys.executable, "train_llama.py", args.recipe, *overrides(model_dir, Path(tempfile.gettempdir()), args),
          "--dry-run"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=environment(), check=True)
     report = json.loads(completed.stdout.strip().splitlines()[-1])
-    keys = ("memory_per_gpu", "zero3_gpu_memory_gib", "zero3_load_peak_gib", "zero3_fit_gib")
+    keys = ("memory_per_gpu", "zero3_gpu_memory_gib", "zero3_load_peak_gib", "zero3_fit_gib",
+            "fsdp_load_peak_gib", "fsdp_step_peak_gib", "fsdp_cpu_kernels_load_peak_gib",
+            "fsdp_cpu_kernels_step_peak_gib")
     return {key: report[key] for key in keys if key in report}
 
 
@@ -353,8 +374,11 @@ def main() -> int:
                         help="where the random checkpoint is kept (default ~/.cache/nola-bench/wide-llama-...)")
     parser.add_argument("--tokens", type=int, default=32, help="data.source_max_len and data.target_max_len")
     parser.add_argument("--num-basis", type=int, default=64, help="adapter.num_basis (step time only)")
-    parser.add_argument("--processes", default="1,2", help="process counts to run (1 = plain python, >1 = ZeRO-3)")
-    parser.add_argument("--zero3-single", action="store_true", help="also run ZeRO-3 with a single process")
+    parser.add_argument("--processes", default="2,4", help="process counts of the sharded runs (a plain one-process run "
+                        "is always made)")
+    parser.add_argument("--engines", default="fsdp,zero3", help="sharded engines to run: fsdp (recipes/accelerate/"
+                        "fsdp.yaml, the lean load), zero3 (recipes/accelerate/zero3.yaml)")
+    parser.add_argument("--sharded-single", action="store_true", help="also run each engine with one process")
     parser.add_argument("--override", action="append", default=[], help="extra dotted.key=value for the runs")
     parser.add_argument("--ds-set", action="append", default=[],
                         help="override a zero_optimization key of recipes/deepspeed/zero3.json, e.g. "
@@ -367,8 +391,10 @@ def main() -> int:
     model_dir = args.model_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nola-bench" / name
     settings = build_checkpoint(model_dir, args.layers, args.hidden, args.intermediate, args.heads,
                                 args.checkpoint_dtype)
-    results: dict = {"model_dir": str(model_dir), "model": settings, "recipe": args.recipe,
-                     "overrides": overrides(model_dir, Path("OUTPUT"), args), "environment": ALLOCATOR,
+    results: dict = {"command": " ".join(["python", "bench/load_memory.py", *sys.argv[1:]]), "model_dir": name,
+                     "model": settings, "recipe": args.recipe,
+                     "overrides": [o.replace(str(model_dir), "MODEL_DIR").replace(str(SHARED_DATA), "../shared/data")
+                                   for o in overrides(model_dir, Path("OUTPUT"), args)], "environment": ALLOCATOR,
                      "zero3_settings": args.ds_set, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="nola-load-memory-") as work:
         work = Path(work)
@@ -380,18 +406,51 @@ def main() -> int:
         status = json.loads(baseline.stdout.strip().splitlines()[-1])
         results["import_baseline_mib"] = {key: round(value / MIB, 1) for key, value in status.items()}
         results["dry_run"] = dry_run_estimate(model_dir, args)
-        runs = [(f"{'zero3' if n > 1 else 'single'}-{n}", n) for n in map(int, args.processes.split(","))]
-        if args.zero3_single:
-            runs.append(("zero3-1", 1))
+        runs = [("single-1", 1)] + [(f"{engine}-{n}", n) for engine in args.engines.split(",")
+                                     for n in map(int, args.processes.split(",")) if n > 1 or args.sharded_single]
         for label, processes in runs:
             results["runs"][label] = run_training(label, processes, hook_dir, work, model_dir, args)
 
+    results["checks"] = fsdp_checks(results)
     print_table(results)
     print(json.dumps(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def fsdp_checks(results: dict) -> dict:
+    """For every FSDP run: each rank's load peak against the bound (4-bit model)/N + one dense bf16 decoder layer +
+    the quantisation constants, + 15%; each rank's step peak against the one-process step peak; and both against
+    the --dry-run estimate with CPU kernels (MiB above each process's own start)."""
+    model = results["model"]
+    single = next(iter(results["runs"]["single-1"]["ranks"].values()))
+    dense_layer = 2 * (4 * model["hidden_size"] ** 2 + 3 * model["hidden_size"] * model["intermediate_size"])
+    dry = results.get("dry_run", {})
+    checks = {}
+    for label, run in results["runs"].items():
+        if not label.startswith("fsdp"):
+            continue
+        n = run["processes"]
+        ranks = list(run["ranks"].values())
+        bound = (single["model_bytes_after_load"] / n + dense_layer + single["quant_state_bytes"]) * 1.15 / MIB
+        load = max(r["load_peak_anon_minus_baseline_mib"] for r in ranks)
+        step = max(r["first_step_peak_anon_minus_baseline_mib"] for r in ranks)
+        estimate_load = dry.get("fsdp_cpu_kernels_load_peak_gib", {}).get(str(n))
+        estimate_step = dry.get("fsdp_cpu_kernels_step_peak_gib", {}).get(str(n))
+        checks[label] = {
+            "load_peak_mib": load, "load_bound_mib": round(bound, 1), "load_within_bound": load <= bound,
+            "step_peak_mib": step, "single_step_peak_mib": single["first_step_peak_anon_minus_baseline_mib"],
+            "step_below_single": step < single["first_step_peak_anon_minus_baseline_mib"],
+            "dry_run_load_mib": round(estimate_load * 1024, 1) if estimate_load is not None else None,
+            "dry_run_step_mib": round(estimate_step * 1024, 1) if estimate_step is not None else None,
+        }
+        for phase in ("load", "step"):
+            estimate = checks[label][f"dry_run_{phase}_mib"]
+            if estimate is not None:
+                checks[label][f"dry_run_{phase}_over_measured"] = round(estimate / checks[label][f"{phase}_peak_mib"], 3)
+    return checks
 
 
 def print_table(results: dict) -> None:
@@ -422,6 +481,11 @@ def print_table(results: dict) -> None:
     print("(MiB per process; 'base' = that process's own RSS when load_model is entered)")
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    for label, check in results["checks"].items():
+        print(f"{label}: load peak {check['load_peak_mib']:.0f} MiB (bound {check['load_bound_mib']:.0f}: "
+              f"{'within' if check['load_within_bound'] else 'OVER'}), step peak {check['step_peak_mib']:.0f} MiB "
+              f"(one process {check['single_step_peak_mib']:.0f}); --dry-run (CPU kernels) / measured: load "
+              f"{check.get('dry_run_load_over_measured')}, step {check.get('dry_run_step_over_measured')}")
     print()
 
 

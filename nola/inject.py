@@ -101,6 +101,8 @@ def _initial_svd_factors(name: str, layer: nn.Module, config: AdapterConfig, see
 def embedding_sample(weight: torch.Tensor, dtype: torch.dtype | None = None) -> list[float]:
     """A few input-embedding values at fixed positions (cast to `dtype` first when given): enough to tell one base
     model's weights from another's."""
+    if hasattr(weight, "full_tensor"):  # sharded (FSDP2 DTensor): a collective, every rank describes the base
+        weight = weight.full_tensor()
     sample = weight.detach()[embedding_sample_rows(weight.shape[0]), :EMBEDDING_SAMPLE_COLUMNS]
     return sample.to(dtype or sample.dtype).float().flatten().tolist()
 

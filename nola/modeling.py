@@ -129,23 +129,23 @@ def disable_bnb_cpu_repacking(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def prepare_for_kbit_training(model: nn.Module, autocast: bool) -> None:
-    """What QLoRA needs of a 4-bit base: everything frozen, norms in float32 (bf16 norms lose precision), and inputs
-    that require grad so that gradient checkpointing has a graph to recompute through.
+def prepare_kbit_block(block: nn.Module, autocast: bool) -> None:
+    """What QLoRA needs of a 4-bit base, on one block (a decoder layer, or the whole model): everything frozen and
+    norms in float32 (bf16 norms lose precision). A sharded load applies it layer by layer, before the engine
+    shards (and fixes the dtypes of) the layer; `finish_loaded_model` adds inputs that require grad.
 
     Without autocast, every other float weight (embeddings, lm_head) goes to float32 too, as peft's
     `prepare_model_for_kbit_training` does: the float32 norms hand float32 activations to the head, and a bf16 head
     cannot multiply them. Under autocast they stay in the compute dtype (half the memory; autocast casts)."""
-    for parameter in model.parameters():
+    for parameter in block.parameters():
         parameter.requires_grad_(False)
-    for name, module in model.named_modules():
+    for module in block.modules():
         if "norm" in type(module).__name__.lower():
             module.float()
     if not autocast:
-        for parameter in model.parameters():
+        for parameter in block.parameters():
             if parameter.dtype in (torch.float16, torch.bfloat16) and not hasattr(parameter, "quant_state"):
                 parameter.data = parameter.data.float()
-    model.enable_input_require_grads()
 
 
 def autocast_forward(model: nn.Module, mixed_precision: str, device_type: str | None = None) -> nn.Module:
@@ -215,12 +215,19 @@ def load_model(section: ModelSection, device: torch.device, mixed_precision: str
                         f"safetensors weights only, never .bin pickles)") from None
     if quantization is None:
         model.to(device)
-    disable_bnb_cpu_repacking(model)
-    if quantization is not None:
-        prepare_for_kbit_training(model, autocast=mixed_precision != "no")
+        model.requires_grad_(False)
     else:
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        prepare_kbit_block(model, autocast=mixed_precision != "no")
+    return finish_loaded_model(model, section, quantized=quantization is not None)
+
+
+def finish_loaded_model(model: nn.Module, section: ModelSection, quantized: bool) -> nn.Module:
+    """What every loaded base needs once its weights are in place, whoever placed them (`load_model`, or the
+    sharded load of `nola.training.fsdp`): the bitsandbytes CPU work-around, inputs that require grad (QLoRA's
+    checkpointing needs a graph), gradient checkpointing, no KV cache in training."""
+    disable_bnb_cpu_repacking(model)
+    if quantized:
+        model.enable_input_require_grads()
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -246,27 +253,34 @@ def estimate_memory(
     estimates of `nola.training.dry_run`: `zero3_unpartitioned_gib`, the part of the weights ZeRO-3 cannot shard
     (the 4-bit quantisation constants, absmax: 8 bits per 64 weights + an fp32 scale per 256 blocks with double
     quantisation, 32 bits per 64 without; they hang off the packed parameters as plain tensors, so every rank keeps
-    them whole); and `load_transient_gib`, the largest weight the loader holds densely on the device at once (a
-    4-bit linear is read in the compute dtype and quantised there, one at a time; a float base, its largest tensor).
+    them whole); `load_transient_gib`, the largest weight the loader holds densely on the device at once (a
+    4-bit linear is read in the compute dtype and quantised there, one at a time; a float base, its largest tensor);
+    and, for the FSDP2 estimates, `largest_layer_gib` (one decoder layer's weights as loaded),
+    `outside_layers_gib` (embeddings, final norm and head: FSDP2's root group) and `largest_linear_weights` (the
+    weight count of the largest quantised linear, which a 4-bit matmul dequantises whole).
     """
     config = model.config
-    linear_weights = sum(
-        m.weight.numel() for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m is not model.get_output_embeddings()
-    )
-    total = sum(p.numel() for p in model.parameters()) - trainable_params
-    other_weights = total - linear_weights
+    head = model.get_output_embeddings()
     compute_bytes = 4 if section.compute_dtype == "float32" and section.load_in_4bit else 2
     if not section.load_in_4bit:
         compute_bytes = torch.tensor([], dtype=_DTYPES[section.torch_dtype]).element_size()
     bits_per_weight = (4.127 if section.double_quant else 4.5) if section.load_in_4bit else 8 * compute_bytes
-    weights = linear_weights * bits_per_weight / 8 + other_weights * compute_bytes
+
+    def weight_bytes(block: nn.Module) -> float:
+        """The frozen weights of `block` as loaded: its (4-bit) linears and its other tensors."""
+        linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear) and m is not head)
+        frozen = sum(p.numel() for p in block.parameters() if not p.requires_grad)
+        return linear * bits_per_weight / 8 + (frozen - linear) * compute_bytes
+
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    weights = weight_bytes(model)
+    largest_linear = max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head),
+                         default=0)
+    blocks = [weight_bytes(layer) for layer in getattr(getattr(model, model.base_model_prefix, model), "layers", [])]
     if section.load_in_4bit:
         quant_state_bits = 8 / 64 + 32 / (64 * 256) if section.double_quant else 32 / 64
         unpartitioned = linear_weights * quant_state_bits / 8
-        load_transient = compute_bytes * max(
-            (m.weight.numel() for m in model.modules()
-             if isinstance(m, nn.Linear) and m is not model.get_output_embeddings()), default=0)
+        load_transient = compute_bytes * largest_linear
     else:
         unpartitioned, load_transient = 0, compute_bytes * max((p.numel() for p in model.parameters()), default=0)
     adapter_and_optimizer = trainable_params * 4 * 4  # fp32 values, grads, two AdamW moments
@@ -289,4 +303,8 @@ def estimate_memory(
     estimate["total_gib"] = sum(estimate.values())
     estimate["zero3_unpartitioned_gib"] = unpartitioned / gib
     estimate["load_transient_gib"] = load_transient / gib
-    return {key: round(value, 3) for key, value in estimate.items()}
+    estimate["largest_layer_gib"] = max(blocks, default=0.0) / gib
+    estimate["outside_layers_gib"] = (weights - sum(blocks)) / gib
+    estimate = {key: round(value, 3) for key, value in estimate.items()}
+    estimate["largest_linear_weights"] = largest_linear  # a count: what a 4-bit matmul dequantises at once
+    return estimate

@@ -4,6 +4,7 @@ deferred NOLA projection, and flags every rank agrees on."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import nullcontext
 
@@ -12,6 +13,7 @@ import torch
 from nola.errors import NolaError
 from nola.inject import set_deferred_projection
 from nola.training.config import RecipeConfig
+from nola.training.fsdp import fsdp_launch
 
 
 def deepspeed_launch() -> bool:
@@ -20,13 +22,21 @@ def deepspeed_launch() -> bool:
 
 
 def make_accelerator(config: RecipeConfig):
-    """accelerate's Accelerator for this launch. Without CUDA, plain multi-process launches run as CPU processes over
-    gloo (`cpu=True`); DeepSpeed launches keep their engine (DeepSpeed has a CPU accelerator), with the batch,
+    """accelerate's Accelerator for this launch. Without CUDA, plain multi-process launches (DDP, and FSDP2, which
+    nola drives itself) run as CPU processes over gloo (`cpu=True`); DeepSpeed launches keep their engine (DeepSpeed has a CPU accelerator), with the batch,
     accumulation and clipping its JSON leaves as "auto" filled from the recipe."""
     from accelerate import Accelerator
 
+    if fsdp_launch():
+        # nola shards the model itself, as it loads (nola.training.fsdp); accelerate's own FSDP preparation would
+        # re-wrap it and cast the float32 norms under a mixed-precision policy. So the accelerator is a plain
+        # multi-process one, and the recipe passes it the optimizer alone.
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     if not deepspeed_launch():
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision)
+    if importlib.util.find_spec("deepspeed") is None:
+        raise NolaError("the accelerate config launches DeepSpeed, which is not installed in this environment; "
+                        "`pip install deepspeed`, or launch with recipes/accelerate/fsdp.yaml or ddp.yaml")
     from accelerate import PartialState
     from accelerate.utils import DeepSpeedPlugin
 

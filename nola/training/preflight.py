@@ -25,6 +25,7 @@ from nola.modeling import ModelSection, build_meta_model, check_model_source, lo
 from nola.training.checkpoint import latest_valid_checkpoint, read_trainer_state, remove_unfinished, verify_checkpoint
 from nola.training.config import RecipeConfig
 from nola.training.distributed import deepspeed_launch
+from nola.training.fsdp import check_sharded_model, fsdp_launch, shard_options
 from nola.training.run_lock import acquire_run_lock
 
 # Adapter settings a checkpoint must share with the recipe to resume (chunk size is a runtime setting).
@@ -105,6 +106,18 @@ def check_frozen_adapter_engine(config: RecipeConfig, accelerator) -> None:
                         f"weights an SVD start reads); launch with recipes/accelerate/zero2.yaml or ddp.yaml")
 
 
+def check_sharded_engine(config: RecipeConfig, accelerator) -> None:
+    """Under FSDP2 (recipes/accelerate/fsdp.yaml): the launch's settings, a 4-bit storage FSDP can flatten, and no
+    SVD start (it reads whole base weights, which no rank holds)."""
+    if not fsdp_launch():
+        return
+    shard_options(accelerator.num_processes, accelerator.device.type)
+    check_sharded_model(config.model)
+    if config.adapter.init == "svd":
+        raise NolaError("adapter.init: svd is not supported under FSDP (it reads whole base weights, and each rank "
+                        "holds 1/N of them); launch with recipes/accelerate/zero2.yaml or ddp.yaml")
+
+
 def resolve_resume(config: RecipeConfig, checkpoints_dir: Path, accelerator) -> Path | None:
     """The checkpoint to resume from: `auto` picks the newest valid one (or none), a path must verify. Rank 0
     decides and tells the others, so all ranks resume from the same step even if a checkpoint changes meanwhile."""
@@ -144,6 +157,7 @@ def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
     requested_backend()
     check_precision(config)
     check_frozen_adapter_engine(config, accelerator)
+    check_sharded_engine(config, accelerator)
     if not config.model.name_or_path.startswith(embedded.PREFIX):
         if Path(check_model_source(config.model.name_or_path)).is_dir():
             checkpoint_shards(Path(config.model.name_or_path))  # safetensors weights only: refuse .bin pickles now

@@ -57,6 +57,7 @@ from nola.training.distributed import (
     use_deferred_projection,
 )
 from nola.training.failpoints import armed, kill_if_armed
+from nola.training.fsdp import fsdp_launch, load_sharded_model
 from nola.training.optim import make_optimizer, make_scheduler, skip_update
 from nola.training.preflight import RunPlan, plan_run
 from nola.training.run_log import LogWindow, RunLog, peak_memory_mb
@@ -128,6 +129,7 @@ class FineTuneRecipe:
         self.output_dir = Path(config.train.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.state = LoopState()
+        self.sharded = False  # FSDP2: the base sharded as it loads (nola.training.fsdp), the adapter replicated
         self.plan: RunPlan | None = None
         self.log: RunLog | None = None
         self.stop: StopSignals | None = None
@@ -169,16 +171,23 @@ class FineTuneRecipe:
     def _build_model(self) -> None:
         """The base with the adapter attached, its optimizer and schedule, wrapped by the engine."""
         config, mixed_precision = self.config, self.config.train.mixed_precision
-        model = load_model(self.plan.model_section, self.accelerator.device, mixed_precision)
+        self.sharded = fsdp_launch()
+        if self.sharded:
+            model = load_sharded_model(self.plan.model_section, self.accelerator, mixed_precision)
+        else:
+            model = load_model(self.plan.model_section, self.accelerator.device, mixed_precision)
         svd_report = self._attach_adapter(model)
         record_mixed_precision(model, mixed_precision)
         self.report = {**parameter_report(model), **svd_report}
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.parameters, config)
         self.scheduler = make_scheduler(optimizer, config)
-        if deepspeed_launch():  # accelerate autocasts plain and DDP runs itself; see make_accelerator
+        if deepspeed_launch() or self.sharded:  # accelerate autocasts plain and DDP runs itself; see make_accelerator
             autocast_forward(model, mixed_precision, self.accelerator.device.type)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded:  # FSDP2 already holds the base; the adapter is replicated, its gradients averaged here
+            self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.use_deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         check_trainable_dtypes(self.unwrapped)
@@ -245,7 +254,7 @@ class FineTuneRecipe:
         print(json.dumps({"parameters": self.report, "train_examples": len(data.train),
                           "validation_examples": len(data.validation), "dropped_records": data.dropped,
                           "resumed_from": str(self.plan.resume_dir) if self.plan.resume_dir else None,
-                          "distributed_type": str(accelerator.distributed_type),
+                          "distributed_type": "FSDP2" if self.sharded else str(accelerator.distributed_type),
                           "processes": accelerator.num_processes, "device": str(accelerator.device),
                           "deferred_projection": self.deferred,
                           "mixed_precision": self.config.train.mixed_precision}))
@@ -297,9 +306,10 @@ class FineTuneRecipe:
             loss_sum += batch_loss.detach().double()
         if self.deferred and not (stopping or nonfinite):
             project_deferred_gradients(self.unwrapped)
-            average_gradients(self.accelerator, self.parameters)
         elif self.deferred:
             discard_deferred_gradients(self.unwrapped)
+        if (self.deferred or self.sharded) and not (stopping or nonfinite):
+            average_gradients(self.accelerator, self.parameters)
         return StepResult(loss_sum, label_tokens, tokens, stopping, nonfinite)
 
     def stop_mid_step(self, position: tuple[int, int], rng: dict) -> None:
