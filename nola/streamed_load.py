@@ -48,8 +48,11 @@ class CheckpointReader:
         if index.is_file():
             try:
                 self.files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-            except (json.JSONDecodeError, KeyError, AttributeError) as error:
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
                 raise NolaError(f"{index}: not a safetensors index ({error})") from None
+            for path in set(self.files.values()):
+                if path.resolve().parent != directory.resolve() or not path.is_file():
+                    raise NolaError(f"{index}: names {path.name!r}, which is not a file beside it")
         elif (directory / SINGLE_FILE).is_file():
             from safetensors import safe_open
 

@@ -12,11 +12,20 @@ import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, shared_data
 
 CLUSTER = REPO_ROOT / "scripts" / "slurm" / "local_cluster.sh"
 STATE = "/tmp/nola-slurm-tests"
 TRAIN = ["recipes/tiny.yaml", "train.micro_batch_size=4", "train.eval_steps=50", "train.sample_generations=0"]
+
+
+def train_70b() -> list[str]:
+    """recipes/70b.yaml (4-bit nf4 base, quant_storage bfloat16, gradient checkpointing, bf16) scaled down to the
+    real tiny LLaMA in ../shared/data: what FSDP2 shards (a skip naming the data if it is not there)."""
+    return ["recipes/70b.yaml", f"model.name_or_path={shared_data('stories260K-hf')}",
+            f"data.path={shared_data('alpaca/alpaca_subset.json')}", "mmlu.path=null", "train.micro_batch_size=2",
+            "train.grad_accum_steps=2", "data.validation_size=16", "data.source_max_len=96",
+            "data.target_max_len=64", "train.eval_max_batches=2"]
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +95,38 @@ def test_a_job_trains_and_writes_its_adapter(slurm, tmp_path, script):
     assert [p.name.endswith(f"-nola-{job}") for p in (output / "wandb").glob("offline-run-*")] == [True]
 
 
-def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm, tmp_path):
+# engine: (NOLA_ACCELERATE_CONFIG or None for launch.sh's default DDP, max_steps, what the launch's JSON line says)
+REQUEUED = {
+    "ddp": (None, 150, '"processes": 2'),
+    "fsdp2": ("recipes/accelerate/fsdp.yaml", 20, '"distributed_type": "FSDP2", "processes": 2'),
+}
+
+
+@pytest.mark.parametrize("engine", list(REQUEUED))
+def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm, tmp_path, engine):
+    """Preempted (scontrol requeue) after its step-10 checkpoint, the job restarts and `train.resume_from=auto`
+    continues from its newest checkpoint: DDP on the tiny recipe, FSDP2 (lean sharded load) on a scaled-down 70b."""
+    config, max_steps, launch_line = REQUEUED[engine]
+    environment = {**slurm, "NOLA_ACCELERATE_CONFIG": config} if config else slurm
+    recipe = train_70b() if engine == "fsdp2" else TRAIN
     output, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm, "train_1node.sbatch", log, *TRAIN, "train.max_steps=150", "train.save_steps=5",
-                 f"train.output_dir={output}")
+    job = submit(environment, "train_1node.sbatch", log, *recipe, f"train.max_steps={max_steps}",
+                 "train.save_steps=5", "train.logging_steps=1", f"train.output_dir={output}")
     wait_until(slurm, job, log, lambda: (output / "checkpoints" / "step-10").is_dir())
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)  # preempted mid-run, as a scheduler would
     start_requeued_job(slurm, job, log)
     wait_until(slurm, job, log, lambda: job_state(slurm, job) == "COMPLETED")
     text = log.read_text()
     assert f"nola: job {job} (restart 1)" in text
+    assert text.count(launch_line) == 2, text[-4000:]  # both starts ran on this engine, 2 processes each
     resumed = re.findall(r'"resumed_from": "[^"]*/checkpoints/step-(\d+)"', text)
-    assert len(resumed) == 1 and 10 <= int(resumed[0]) < 150  # resumed mid-run, not after it finished
+    assert len(resumed) == 1 and 10 <= int(resumed[0]) < max_steps  # resumed mid-run, not after it finished
     runs = sorted(p.name for p in (output / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-nola-{job}") for name in runs)
-    assert json.loads((output / "run.json").read_text())["steps"] == 150
+    assert json.loads((output / "run.json").read_text())["steps"] == max_steps
+    metrics = output / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, max_steps + 1)), "steps were lost or repeated across the requeue"
 
 
 def test_the_time_limit_signal_checkpoints_then_requeues_losing_no_step(slurm, tmp_path):
