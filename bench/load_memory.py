@@ -24,8 +24,8 @@ recipes/70b.yaml: nf4, double quant, bf16 compute and quant storage, bf16 mixed 
 
 No project file is edited: the runs get a generated `sitecustomize.py` (a temporary directory on PYTHONPATH, active
 only in processes whose script is train_llama.py and only with NOLA_BENCH_MARKS set) that wraps
-`nola.modeling.load_model`, `nola.training.fsdp.load_sharded_model` and `Accelerator.prepare`. Each rank records, from /proc/self/status, VmRSS / RssAnon /
-RssFile / VmHWM when load_model is entered (the rank's own baseline: libraries imported, data tokenised, process
+`nola.modeling.load_model`, `nola.training.fsdp.load_sharded_model` and `Accelerator.prepare`. Each rank
+records, from /proc/self/status, VmRSS / RssAnon / RssFile / VmHWM when the load is entered (the rank's own baseline: libraries imported, data tokenised, process
 group up, no weight yet), when it returns, when prepare returns and at exit; a thread samples the same fields every
 5 ms in between, so each phase has its own peak. VmHWM (exact, kernel-kept) also counts the file-backed pages of
 the memory-mapped safetensors checkpoint, which on a GPU would be host RAM, not device memory; the anonymous

@@ -47,7 +47,8 @@ class CheckpointReader:
         index = directory / INDEX_FILE
         if index.is_file():
             try:
-                self.files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: directory / file for name, file in weight_map.items()}
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
                 raise NolaError(f"{index}: not a safetensors index ({error})") from None
             for path in set(self.files.values()):

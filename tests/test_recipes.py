@@ -3,10 +3,10 @@
 overridden. Every dtype, precision, quantisation and checkpointing key stays as shipped: nf4 + double quant, bf16
 compute, bf16 autocast, gradient checkpointing, W&B offline.
 
-Each cell (recipe x engine: one process, 2 DDP processes, ZeRO-2, ZeRO-3 and, for 70b, FSDP2 over 2 processes)
-trains on the real tiny LLaMA, is killed mid-step, resumes, and then goes through every tool on its adapter: generate.py, evaluate.py
-(loss and MMLU), merge_and_export.py in all three formats (each export reloaded by the loader its users have:
-transformers, peft, nola) — every one exiting 0 without a traceback.
+Each cell (recipe x engine: one process, 2 DDP processes, ZeRO-2, ZeRO-3 and, for 70b, FSDP2 over 2
+processes) trains on the real tiny LLaMA, is killed mid-step, resumes, and then goes through every tool on its
+adapter: generate.py, evaluate.py (loss and MMLU), merge_and_export.py in all three formats (each export reloaded
+by the loader its users have: transformers, peft, nola) — every one exiting 0 without a traceback.
 
 Tolerances of the export checks (the reference is the adapter model as trained: nf4 from bf16 weights, bf16
 embeddings and head, bf16 autocast, whose logits are bf16 — one ulp is 2^-7 of their magnitude):
@@ -32,7 +32,8 @@ from tests.test_distributed import TWO_PROCESSES, accelerate
 
 RECIPES = ("7b", "70b", "7b_lora")
 ENGINES = {"one": None, "ddp": TWO_PROCESSES["ddp-config"], "zero2": TWO_PROCESSES["zero2"],
-           "zero3": TWO_PROCESSES["zero3"], "fsdp": ("--config_file", "recipes/accelerate/fsdp.yaml", "--num_processes", "2")}
+           "zero3": TWO_PROCESSES["zero3"],
+           "fsdp": ("--config_file", "recipes/accelerate/fsdp.yaml", "--num_processes", "2")}
 # FSDP2 flattens the packed 4-bit weights with the rest of a layer: only the recipes that store them as bfloat16
 # (the 70b ones) run under it; the others are refused in one line (tests/test_fsdp.py).
 CELLS = [(r, e) for e in ENGINES for r in RECIPES if e != "fsdp" or r == "70b"]

@@ -23,8 +23,9 @@ def deepspeed_launch() -> bool:
 
 def make_accelerator(config: RecipeConfig):
     """accelerate's Accelerator for this launch. Without CUDA, plain multi-process launches (DDP, and FSDP2, which
-    nola drives itself) run as CPU processes over gloo (`cpu=True`); DeepSpeed launches keep their engine (DeepSpeed has a CPU accelerator), with the batch,
-    accumulation and clipping its JSON leaves as "auto" filled from the recipe."""
+    nola drives itself) run as CPU processes over gloo (`cpu=True`); DeepSpeed launches keep their engine (DeepSpeed
+    has a CPU accelerator), with the batch, accumulation and clipping its JSON leaves as "auto" filled from the
+    recipe."""
     from accelerate import Accelerator
 
     if fsdp_launch():

@@ -17,6 +17,11 @@ from nola.streamed_load import QUANTIZE_CHUNK_ELEMENTS
 ZERO3_PROCESSES = (2, 4, 8)  # process counts of the ZeRO-3 and FSDP2 estimates
 
 
+def rounded(figures: dict[str, float]) -> dict[str, float]:
+    """Per-process-count figures to 3 decimals, as every memory figure of the dry run."""
+    return {n: round(value, 3) for n, value in figures.items()}
+
+
 def zero3_estimates(memory: dict[str, float], load_in_4bit: bool) -> dict[str, dict[str, float]]:
     """Per-GPU GiB of one ZeRO-3 rank over 2 / 4 / 8 processes, at two moments, and the larger of the two.
 
@@ -42,9 +47,6 @@ def zero3_estimates(memory: dict[str, float], load_in_4bit: bool) -> dict[str, d
         resident = weights if load_in_4bit else weights / n
         load_peak[str(n)] = resident + memory["load_transient_gib"] + memory["overhead_gib"]
         fit[str(n)] = max(after_prepare[str(n)], load_peak[str(n)])
-
-    def rounded(figures: dict[str, float]) -> dict[str, float]:
-        return {n: round(value, 3) for n, value in figures.items()}
 
     return {"zero3_gpu_memory_gib": rounded(after_prepare), "zero3_load_peak_gib": rounded(load_peak),
             "zero3_fit_gib": rounded(fit)}
@@ -94,9 +96,6 @@ def fsdp_estimates(memory: dict[str, float], kernels: str = "cuda",
         step_peak[str(n)] = (resident + outside + 2 * layer + dequantize + memory["adapter_and_optimizer_gib"]
                              + memory["activations_gib"] + overhead)
         fit[str(n)] = max(load_peak[str(n)], step_peak[str(n)])
-
-    def rounded(figures: dict[str, float]) -> dict[str, float]:
-        return {n: round(value, 3) for n, value in figures.items()}
 
     prefix = "fsdp" if kernels == "cuda" else f"fsdp_{kernels}_kernels"
     return {f"{prefix}_load_peak_gib": rounded(load_peak), f"{prefix}_step_peak_gib": rounded(step_peak),
