@@ -54,6 +54,17 @@ def shared_data(relative: str) -> Path:
     return path
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """A fresh accelerate state for an in-process run, and none left behind: it is a process-wide singleton that
+    refuses a second mixed_precision (other in-process runs in this session use "no", the paper recipes "bf16")."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One embedded-default cache for the whole test session (built on first use, like a user's first run)."""

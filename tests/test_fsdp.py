@@ -539,8 +539,8 @@ BAD_FSDP_RUNS = [  # (recipe, overrides, FSDP_* settings, message)
 
 @pytest.mark.parametrize("recipe, overrides, settings, message", BAD_FSDP_RUNS,
                          ids=[case[3].split(": ")[-1][:40] for case in BAD_FSDP_RUNS])
-def test_a_run_fsdp_cannot_serve_is_one_line(fsdp_environment, cache_dir, tmp_path, capsys, recipe, overrides,
-                                             settings, message):
+def test_a_run_fsdp_cannot_serve_is_one_line(fsdp_environment, fresh_accelerate_state, cache_dir, tmp_path, capsys,
+                                             recipe, overrides, settings, message):
     """train_llama.py's main() in this process, in the environment accelerate gives a rank of an FSDP launch."""
     from tests.test_bad_inputs import entry_point
 

@@ -32,15 +32,9 @@ SIZES = ["model.name_or_path=embedded:tiny-llama", "data.path=embedded:tiny-inst
 
 
 @pytest.fixture(autouse=True)
-def in_process_run(cache_dir, monkeypatch):
-    """The session's embedded-default cache, and a fresh accelerate state: it is a process-wide singleton that
-    refuses a second mixed_precision (other in-process runs in this session use "no")."""
-    from accelerate.state import AcceleratorState
-
+def in_process_run(cache_dir, monkeypatch, fresh_accelerate_state):
+    """The session's embedded-default cache, and a fresh accelerate state."""
     monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def recipe(output_dir, *overrides: str, name: str = "7b") -> FineTuneRecipe:
