@@ -32,8 +32,9 @@ from nola.streamed_load import checkpoint_directory, load_streamed
 
 
 def fsdp_launch() -> bool:
-    """Whether accelerate launched this process with an FSDP config (`make_accelerator` then marks it for nola and
-    hides it from accelerate: NOLA_ENGINE=fsdp2)."""
+    """Whether accelerate launched this process with an FSDP config. The first call marks the process
+    (NOLA_ENGINE=fsdp2), because `make_accelerator` then hides the launch from accelerate itself
+    (ACCELERATE_USE_FSDP=false), whose FSDP preparation would re-wrap the already sharded model."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         os.environ["NOLA_ENGINE"] = "fsdp2"
     return os.environ.get("NOLA_ENGINE") == "fsdp2"
