@@ -39,9 +39,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def local_checkpoint_dir(name_or_path: str) -> Path:
-    """A local checkpoint directory for `--base`: a path, `embedded:model`, or a hub name (from the local cache
-    when offline), fetching only safetensors, JSON and tokenizer files."""
+def local_checkpoint_dir(name_or_path: str, key: str = "--base") -> Path:
+    """A local checkpoint directory for `key` (the scripts' `--base`, training's `model.name_or_path`): a path,
+    `embedded:model`, or a hub name (from the local cache when offline), fetching only safetensors, JSON and
+    tokenizer files."""
     from nola import embedded
     from nola.modeling import check_model_source
 
@@ -53,7 +54,7 @@ def local_checkpoint_dir(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     except Exception as error:  # the hub client raises many types (offline, missing, gated)
-        raise NolaError(f"--base: cannot fetch {source!r} from the hub ({type(error).__name__})") from None
+        raise NolaError(f"{key}: cannot fetch {source!r} from the hub ({type(error).__name__})") from None
 
 
 def checkpoint_shards(base_dir: Path) -> list[Path]:

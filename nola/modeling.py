@@ -235,6 +235,11 @@ def finish_loaded_model(model: nn.Module, section: ModelSection, quantized: bool
     return model
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a causal LM (`model.layers` for LLaMA and its kin); none for another layout."""
+    return list(getattr(getattr(model, model.base_model_prefix, model), "layers", None) or [])
+
+
 def estimate_memory(
     model: nn.Module,
     section: ModelSection,
@@ -266,17 +271,19 @@ def estimate_memory(
         compute_bytes = torch.tensor([], dtype=_DTYPES[section.torch_dtype]).element_size()
     bits_per_weight = (4.127 if section.double_quant else 4.5) if section.load_in_4bit else 8 * compute_bytes
 
+    def linear_sizes(block: nn.Module) -> list[int]:
+        """Weight counts of the linears of `block` that a 4-bit load quantises (all but the head)."""
+        return [m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear) and m is not head]
+
     def weight_bytes(block: nn.Module) -> float:
         """The frozen weights of `block` as loaded: its (4-bit) linears and its other tensors."""
-        linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear) and m is not head)
+        linear = sum(linear_sizes(block))
         frozen = sum(p.numel() for p in block.parameters() if not p.requires_grad)
         return linear * bits_per_weight / 8 + (frozen - linear) * compute_bytes
 
-    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    linear_weights, largest_linear = sum(linear_sizes(model)), max(linear_sizes(model), default=0)
     weights = weight_bytes(model)
-    largest_linear = max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head),
-                         default=0)
-    blocks = [weight_bytes(layer) for layer in getattr(getattr(model, model.base_model_prefix, model), "layers", [])]
+    blocks = [weight_bytes(layer) for layer in decoder_layers(model)]
     if section.load_in_4bit:
         quant_state_bits = 8 / 64 + 32 / (64 * 256) if section.double_quant else 32 / 64
         unpartitioned = linear_weights * quant_state_bits / 8

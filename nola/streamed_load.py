@@ -13,7 +13,7 @@ cast to the compute dtype chunk by chunk (an elementwise cast) and quantised in 
 bitsandbytes' blockwise 4-bit codes and absmax depend only on their own block, and the double-quantisation of the
 absmax uses their mean over the whole weight, which is taken after the chunks are joined (`quantize_4bit_in_chunks`,
 tested against `bitsandbytes.functional.quantize_4bit`). The chunking bounds the transients of bitsandbytes' CPU
-reference kernel (float32 copies of its input, ~20 bytes per weight) and never holds a dense copy of a whole 70B
+reference kernel (float32 copies of its input, ~10 bytes per weight) and never holds a dense copy of a whole 70B
 projection.
 
 Only the safetensors files of a checkpoint are read (`.bin` pickles never are), at most one file open at a time
@@ -22,7 +22,6 @@ Only the safetensors files of a checkpoint are read (`.bin` pickles never are), 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -31,49 +30,38 @@ import torch
 from torch import nn
 
 from nola.errors import NolaError
+from nola.merge import INDEX_FILE, SINGLE_FILE, checkpoint_shards, read_headers
+from nola.modeling import decoder_layers
 
 # Weights quantised per call: a multiple of every bitsandbytes block size, and small enough that the CPU kernel's
-# float32 temporaries (~20 bytes per weight) stay near one dense bf16 layer of a 7B model.
+# float32 temporaries (~10 bytes per weight, measured; nola.training.dry_run) stay near one dense bf16 layer of a 7B
+# model.
 QUANTIZE_CHUNK_ELEMENTS = 1 << 22
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 class CheckpointReader:
-    """Tensors of a safetensors checkpoint by name, one file open at a time."""
+    """Tensors of a safetensors checkpoint by name, one file open at a time. The files and their tensors come from
+    the same index and header reading (and its checks: shards inside the directory, present, readable) as the
+    streaming merge's (`nola.merge.checkpoint_shards`, `read_headers`)."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        index = directory / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                self.files = {name: directory / file for name, file in weight_map.items()}
-            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
-                raise NolaError(f"{index}: not a safetensors index ({error})") from None
-            for path in set(self.files.values()):
-                if path.resolve().parent != directory.resolve() or not path.is_file():
-                    raise NolaError(f"{index}: names {path.name!r}, which is not a file beside it")
-        elif (directory / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(directory / SINGLE_FILE, framework="pt") as handle:
-                self.files = {name: directory / SINGLE_FILE for name in handle.keys()}
-        else:
+        if not ((directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file()):
             raise NolaError(f"model.name_or_path: {directory} has no {SINGLE_FILE} or {INDEX_FILE} (sharded loading "
                             f"reads safetensors checkpoints only)")
+        self.directory = directory
+        self.headers = read_headers(checkpoint_shards(directory))  # name -> (file, shape, dtype)
         self._open_path: Path | None = None
         self._handle = None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in self.headers
 
     def _file(self, name: str):
         from safetensors import safe_open
 
-        if name not in self.files:
+        if name not in self.headers:
             raise NolaError(f"model.name_or_path: {self.directory} has no tensor {name!r} for the model's config")
-        path = self.files[name]
+        path = self.headers[name][0]
         if path != self._open_path:
             self.close()
             self._handle = safe_open(path, framework="pt")
@@ -81,7 +69,8 @@ class CheckpointReader:
         return self._handle
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        self._file(name)  # the one-line refusal of a tensor the checkpoint lacks
+        return tuple(self.headers[name][1])
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor (dim 0), read without materialising the rest."""
@@ -92,20 +81,6 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._handle, self._open_path = None, None
-
-
-def checkpoint_directory(name_or_path: str) -> Path:
-    """The local directory of a checkpoint: the path itself, or a hub name's snapshot (its safetensors and JSON
-    files only; offline-aware through huggingface_hub's own settings)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
-    except Exception as error:  # the hub client raises many types; the user sees one line
-        raise NolaError(f"model.name_or_path: cannot fetch {name_or_path!r} ({str(error).splitlines()[0]})") from None
 
 
 def quantize_4bit_in_chunks(weight_rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int],
@@ -208,16 +183,6 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return shared | set(getattr(model, "all_tied_weights_keys", None) or {})
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a causal LM (`model.layers` for LLaMA and its kin)."""
-    inner = getattr(model, model.base_model_prefix, model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise NolaError(f"model.name_or_path: sharded loading needs a model with `{model.base_model_prefix}.layers` "
-                        f"(a {type(model).__name__} has none)")
-    return list(layers)
-
-
 def _outside(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
     """The modules that own parameters outside the decoder layers (embeddings, final norm, head)."""
     inside = {id(module) for layer in layers for module in layer.modules()}
@@ -238,6 +203,9 @@ def load_streamed(config, directory: Path, quantization, dtype: torch.dtype, dev
     tied = tied_parameter_names(model)
     try:
         layers = decoder_layers(model)
+        if not layers:
+            raise NolaError(f"model.name_or_path: sharded loading needs a model with `{model.base_model_prefix}"
+                            f".layers` (a {type(model).__name__} has none)")
         for layer in layers:
             materialize(layer, names[id(layer)], reader, device, dtype, tied)
             prepare_block(layer)

@@ -28,7 +28,8 @@ from nola.modeling import (
     prepare_kbit_block,
     quantization_config,
 )
-from nola.streamed_load import checkpoint_directory, load_streamed
+from nola.merge import local_checkpoint_dir
+from nola.streamed_load import load_streamed
 
 
 def fsdp_launch() -> bool:
@@ -103,8 +104,9 @@ def load_sharded_model(section: ModelSection, accelerator, mixed_precision: str)
     def prepare_block(block: nn.Module) -> None:
         prepare_kbit_block(block, autocast) if quantization is not None else block.requires_grad_(False)
 
-    model = load_streamed(load_model_config(section), checkpoint_directory(section.name_or_path), quantization, dtype,
-                          accelerator.device, prepare_block=prepare_block,
+    directory = local_checkpoint_dir(section.name_or_path, key="model.name_or_path")
+    model = load_streamed(load_model_config(section), directory, quantization, dtype, accelerator.device,
+                          prepare_block=prepare_block,
                           on_block=lambda block: shard_block(block, shard),
                           trust_remote_code=section.trust_remote_code)
     return finish_loaded_model(model, section, quantized=quantization is not None)
