@@ -12,9 +12,9 @@ from typing import Literal
 
 from nola.basis import DEFAULT_CHUNK_BYTES
 from nola.errors import NolaError
+from nola.methods import METHODS, method_for
 from nola.quant import SUPPORTED_BITS
 
-METHODS = ("nola", "lora", "vera")
 INITS = ("random", "svd")
 
 # The seven projections of a LLaMA decoder layer; "all-linear" means these on LLaMA-family models.
@@ -81,9 +81,10 @@ class AdapterConfig:
             raise NolaError(f"adapter.{key} is for method lora: {self.method}'s A is a seeded random matrix by "
                             f"design and it trains a few numbers already (use method: lora, or init: random and "
                             f"freeze_a: false)")
-        if self.method != "nola" and self.quant_bits is not None:
-            raise NolaError(f"adapter.quant_bits is for method nola (its coefficients are what is quantised), "
-                            f"got method {self.method!r}: set quant_bits: null")
+        if not method_for(self.method).quantizable and self.quant_bits is not None:
+            quantizable = ", ".join(name for name, method in METHODS.items() if method.quantizable)
+            raise NolaError(f"adapter.quant_bits is for method {quantizable} (its coefficients are what is "
+                            f"quantised), got method {self.method!r}: set quant_bits: null")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 self.target_modules = [self.target_modules]

@@ -36,6 +36,7 @@ from torch import nn
 from nola.adapter_config import AdapterConfig
 from nola.basis import GENERATOR_VERSION
 from nola.errors import NolaError
+from nola.methods import method_for
 from nola.inject import (
     adapted_modules,
     adapter_config_of,
@@ -173,17 +174,35 @@ class AdapterFile:
     def base(self) -> dict:
         return self.description["base_model"]
 
+    def module_values(self, name: str) -> dict[str, torch.Tensor]:
+        """One module's stored values by short name (`coefficients_a`, `lora_b`, ...)."""
+        return self._values_by_module.get(name, {})
+
+    @functools.cached_property
+    def _values_by_module(self) -> dict[str, dict[str, torch.Tensor]]:
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in self.values.items():  # short names hold no dot, module names do
+            module, _, short = key.rpartition(".")
+            grouped.setdefault(module, {})[short] = value
+        return grouped
+
+
+def _stored_shapes(config: AdapterConfig, modules: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
+    """{"<module>.<tensor>": shape} of every tensor the adapter stores, in stored order (the method's, per module)."""
+    method = method_for(config.method)
+    return {f"{name}.{short}": shape for name, (out_features, in_features) in modules.items()
+            for short, shape in method.stored_shapes(config, out_features, in_features).items()}
+
 
 def _vector_layout(config: AdapterConfig, modules: dict[str, list[int]]) -> list[tuple[str, int]]:
-    """(key, length) of every coefficient vector of a quantised NOLA adapter, in stored order."""
-    return [(f"{name}.{short}", count) for name in modules
-            for short, count in (("coefficients_a", config.basis_size_a), ("coefficients_b", config.basis_size_b))]
+    """(key, length) of every vector of a quantised adapter (NOLA's coefficients, A before B), in stored order."""
+    return [(key, shape[0]) for key, shape in _stored_shapes(config, modules).items()]
 
 
 def pack_state(config: AdapterConfig, modules: dict[str, list[int]], values: dict[str, torch.Tensor]
                ) -> dict[str, torch.Tensor]:
     """The tensors of the weights file for full-precision `values` keyed `<module>.<tensor>`."""
-    if config.quant_bits and config.method == "nola":
+    if config.quant_bits:  # only a quantizable method's config has quant_bits
         layout = _vector_layout(config, modules)
         packed = pack_vectors([values[key] for key, _ in layout], config.quant_bits)
         return {QUANTIZED_CODES: packed["codes"], QUANTIZED_GRIDS: packed["grids"]}
@@ -270,7 +289,7 @@ def read_adapter_description(path: str | os.PathLike) -> dict:
     return description
 
 
-def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+def read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
@@ -281,28 +300,14 @@ def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
 def _expected_shapes(config: AdapterConfig, modules: dict[str, list[int]], version: int = FORMAT_VERSION
                      ) -> dict[str, tuple[int, ...]]:
     """The tensor keys and shapes a file for this config and base must hold, known before anything is attached."""
-    if config.quant_bits and config.method == "nola":
+    if config.quant_bits:
         layout = _vector_layout(config, modules)
         if version == 1:
             return {name: shape for key, count in layout
                     for name, shape in ((f"{key}.codes", (code_bytes(count, config.quant_bits),)), (f"{key}.grid", (2,)))}
         return {QUANTIZED_CODES: (sum(code_bytes(count, config.quant_bits) for _, count in layout),),
                 QUANTIZED_GRIDS: (len(layout), 2)}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, (out_features, in_features) in modules.items():
-        if config.method == "lora":
-            shapes[f"{name}.lora_a"] = (config.rank, in_features)
-            shapes[f"{name}.lora_b"] = (out_features, config.rank)
-            if config.init == "svd":
-                shapes[f"{name}.residual_a"] = (config.rank, in_features)
-                shapes[f"{name}.residual_b"] = (out_features, config.rank)
-        elif config.method == "vera":
-            shapes[f"{name}.vera_d"] = (config.rank,)
-            shapes[f"{name}.vera_b"] = (out_features,)
-        else:
-            shapes[f"{name}.coefficients_a"] = (config.basis_size_a,)
-            shapes[f"{name}.coefficients_b"] = (config.basis_size_b,)
-    return shapes
+    return _stored_shapes(config, modules)
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
@@ -312,7 +317,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     description = read_adapter_description(directory)
     config = AdapterConfig.from_dict(description["adapter"], where=str(directory / CONFIG_FILE))
     modules = description["base_model"]["modules"]
-    state = _read_weights(weights_path)
+    state = read_weights(weights_path)
     version = description["format_version"]
     shapes = _expected_shapes(config, modules, version)
     for key in sorted(set(shapes) | set(state)):
@@ -322,7 +327,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             raise NolaError(f"{weights_path}: unexpected tensor {key}")
         if tuple(state[key].shape) != shapes[key]:
             raise NolaError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, expected {shapes[key]}")
-    if config.quant_bits and config.method == "nola":
+    if config.quant_bits:
         layout = _vector_layout(config, modules)
         if version == 1:
             state = {key: unpack_codes(state[f"{key}.codes"], state[f"{key}.grid"], count, config.quant_bits)
@@ -385,12 +390,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def residual_factors(adapter: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """{module name: (A0, B0)} of an SVD-initialised LoRA: what training subtracted from the original base; None
-    for other adapters."""
-    if adapter.config.init != "svd":
-        return None
-    return {name: (adapter.values[f"{name}.residual_a"], adapter.values[f"{name}.residual_b"])
-            for name in adapter.modules}
+    """{module name: (A0, B0)} of a start that changed the base (an SVD-initialised LoRA): what training subtracted
+    from the original base; None for other adapters."""
+    method = method_for(adapter.config.method)
+    factors = {name: method.residual_factors(adapter.config, adapter.module_values(name)) for name in adapter.modules}
+    return None if any(pair is None for pair in factors.values()) else factors
 
 
 def apply_adapter(model: nn.Module, adapter: AdapterFile) -> nn.Module:

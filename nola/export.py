@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from nola.adapter_io import AdapterFile, pack_state, write_adapter, write_directory_atomically
 from nola.merge import adapter_factors
+from nola.methods import method_for
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,7 +43,7 @@ def export_peft_lora(adapter: AdapterFile, out_dir: Path, dtype: torch.dtype, ba
         a, b = adapter_factors(adapter, name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (b * config.scale).to(dtype).contiguous()
-    rank = 2 * config.rank if config.init == "svd" else config.rank
+    rank = a.shape[0]  # the method's r, or 2r for a start that changed the base ([A; A0])
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -67,7 +68,7 @@ def export_peft_lora(adapter: AdapterFile, out_dir: Path, dtype: torch.dtype, ba
 def export_nola(adapter: AdapterFile, out_dir: Path, bits: int | None) -> Path:
     """Write the compact NOLA adapter, its coefficients re-quantised to `bits` (3 or 4) when given."""
     config = adapter.config
-    if bits is not None and config.method == "nola":
+    if bits is not None and method_for(config.method).quantizable:
         config = dataclasses.replace(config, quant_bits=bits)
     state = pack_state(config, adapter.modules, adapter.values)
     return write_adapter(out_dir, config, state, adapter.base)

@@ -18,8 +18,8 @@ from torch import nn
 from nola.adapter_config import LLAMA_LINEAR_MODULES, AdapterConfig
 from nola.errors import NolaError
 from nola.layers import AdaptedLinear, base_layer_types
+from nola.methods import method_for
 from nola.quant import packed_bytes
-from nola.svd_init import check_svd_ranks, dense_weight, subtract_from_base, svd_factors
 
 _CONFIG_ATTRIBUTE = "nola_adapter_config"
 _BASE_ATTRIBUTE = "nola_base_description"
@@ -64,15 +64,15 @@ def attach(model: nn.Module, config: AdapterConfig,
 
     Works on a model built on the meta device too (the coefficients are then meta tensors). A model can carry one
     adapter; seeds given in `config.module_seeds` are used as they are (that is how a saved adapter is rebuilt).
-    With `init: svd` every target's base weight becomes its residual: from `residuals` ({module name: (A0, B0)},
-    an adapter file's) when given, else from a fresh SVD of the weight.
+    A start that changes the base (`init: svd`: every target's base weight becomes its residual) takes its factors
+    from `residuals` ({module name: (A0, B0)}, an adapter file's) when given, else computes them from the weights.
     """
     if getattr(model, _CONFIG_ATTRIBUTE, None) is not None:
         raise NolaError("attach: the model already carries a nola adapter")
     names = find_target_modules(model, config.target_modules)
     seeds = {name: config.module_seeds.get(name, module_seed(config.seed, name)) for name in names}
-    if config.init == "svd":
-        check_svd_ranks(model, names, config.rank)
+    method = method_for(config.method)
+    method.check_targets(model, names, config)
     setattr(model, _BASE_ATTRIBUTE, describe_base(model))  # now: under ZeRO-3 the weights are partitioned later
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -80,22 +80,10 @@ def attach(model: nn.Module, config: AdapterConfig,
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
-        factors = _initial_svd_factors(name, base, config, seeds[name], residuals) if config.init == "svd" else None
+        factors = method.initial_factors(name, base, config, seeds[name], residuals)
         setattr(parent, child_name, AdaptedLinear(base, config, seeds[name], factors))
     setattr(model, _CONFIG_ATTRIBUTE, dataclasses.replace(config, module_seeds=seeds))
     return model
-
-
-def _initial_svd_factors(name: str, layer: nn.Module, config: AdapterConfig, seed: int,
-                         residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
-                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A0, B0) for one layer of an `init: svd` LoRA, subtracted from its base weight (nothing on the meta device)."""
-    if layer.weight.is_meta:
-        return None
-    factors = residuals[name] if residuals is not None else svd_factors(dense_weight(layer), config.rank,
-                                                                        config.scale, seed)
-    subtract_from_base(layer, *factors, config.scale)
-    return factors
 
 
 def embedding_sample(weight: torch.Tensor, dtype: torch.dtype | None = None) -> list[float]:
@@ -140,21 +128,20 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     SVD start's, whose base holds the residual: its A and B go back to A0 and B0, which add the base's top part back
     (on a 4-bit base, up to the residual's re-quantisation)."""
     modules = [module for _, module in adapted_modules(model)]
-    saved = [(module.scale, module.stored_tensors()) for module in modules]
+    saved = [(module.scale, module.stored_tensors(), module.method.start_tensors(module)) for module in modules]
     with torch.no_grad():
-        for module, (_, tensors) in zip(modules, saved):
-            if module.residual is None:
+        for module, (_, tensors, start) in zip(modules, saved):
+            if start is None:
                 module.scale = 0.0
-                continue
-            for name, residual in (("lora_a", module.residual[0]), ("lora_b", module.residual[1])):
-                setattr(module, name, nn.Parameter(residual.to(tensors[name]), requires_grad=False))
+            for name, value in (start or {}).items():
+                setattr(module, name, nn.Parameter(value.to(tensors[name]), requires_grad=False))
     try:
         yield model
     finally:
-        for module, (scale, tensors) in zip(modules, saved):
+        for module, (scale, tensors, start) in zip(modules, saved):
             module.scale = scale
-            if module.residual is not None:
-                module.lora_a, module.lora_b = tensors["lora_a"], tensors["lora_b"]
+            for name in start or {}:
+                setattr(module, name, tensors[name])
 
 
 def record_mixed_precision(model: nn.Module, mixed_precision: str) -> None:
@@ -184,8 +171,9 @@ def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
             yield name, module
 
 
-def _nola_layers(model: nn.Module) -> list[AdaptedLinear]:
-    return [module for _, module in adapted_modules(model) if module.method == "nola"]
+def _deferrable_layers(model: nn.Module) -> list[AdaptedLinear]:
+    """The adapted layers whose method materialises A and B from a basis (NOLA): those with a projection to defer."""
+    return [module for _, module in adapted_modules(model) if module.materialized is not None]
 
 
 def set_deferred_projection(model: nn.Module, enabled: bool) -> int:
@@ -195,7 +183,7 @@ def set_deferred_projection(model: nn.Module, enabled: bool) -> int:
     `project_deferred_gradients(model)` must run before the optimizer reads `.grad`: one basis pass per step
     instead of one per micro-batch. Only for a loop that calls it, so it is off unless asked for.
     """
-    layers = _nola_layers(model)
+    layers = _deferrable_layers(model)
     for layer in layers:
         layer.materialized.deferred = enabled
     return len(layers)
@@ -203,14 +191,14 @@ def set_deferred_projection(model: nn.Module, enabled: bool) -> int:
 
 def project_deferred_gradients(model: nn.Module) -> None:
     """Add the gradients accumulated on A and B since the last call to the coefficients' `.grad` (deferred mode)."""
-    pairs = [pair for layer in _nola_layers(model) for pair in layer.materialized.take_deferred()]
+    pairs = [pair for layer in _deferrable_layers(model) for pair in layer.materialized.take_deferred()]
     if pairs:
         torch.autograd.backward([values for values, _ in pairs], [gradient for _, gradient in pairs])
 
 
 def discard_deferred_gradients(model: nn.Module) -> None:
     """Forget gradients accumulated on A and B (a step that is skipped or abandoned)."""
-    for layer in _nola_layers(model):
+    for layer in _deferrable_layers(model):
         layer.materialized.discard_deferred()
 
 
@@ -245,7 +233,7 @@ def parameter_report(model: nn.Module) -> dict[str, float | int]:
     modules = list(adapted_modules(model))
     for _, module in modules:
         for tensor in module.stored_tensors().values():
-            if config is not None and config.quant_bits and module.method == "nola":
+            if config is not None and config.quant_bits:  # only a quantizable method's config has quant_bits
                 adapter_bytes += packed_bytes(tensor.numel(), config.quant_bits)
             else:
                 adapter_bytes += tensor.numel() * tensor.element_size()

@@ -31,7 +31,7 @@ from nola.adapter_io import (
 )
 from nola.errors import NolaError
 from nola.inject import EMBEDDING_SAMPLE_COLUMNS, embedding_sample_rows
-from nola.matrices import nola_matrices, vera_matrices
+from nola.methods import method_for
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -134,15 +134,9 @@ def trained_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torc
     """(A, B) of one adapted module in float32 (r × in, out × r), regenerated from the adapter file: exactly the
     matrices the layer computes with."""
     config = adapter.config
-    if config.method == "lora":
-        return adapter.values[f"{name}.lora_a"].float(), adapter.values[f"{name}.lora_b"].float()
     out_features, in_features = adapter.modules[name]
-    if config.method == "vera":
-        return vera_matrices(adapter.values[f"{name}.vera_d"].float(), adapter.values[f"{name}.vera_b"].float(),
-                             config.seed, in_features, out_features)
-    return nola_matrices(adapter.values[f"{name}.coefficients_a"].float(),
-                         adapter.values[f"{name}.coefficients_b"].float(), config.module_seeds[name], config.rank,
-                         in_features, out_features, config.basis_chunk_bytes)
+    return method_for(config.method).matrices_from_values(config, adapter.module_values(name),
+                                                          config.module_seeds.get(name), out_features, in_features)
 
 
 def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +180,9 @@ def merged_tensor(key: str, headers: dict, adapter: AdapterFile, dtype: torch.dt
     if quantised:
         tensor = as_trained(tensor, quantization)
     if module in adapter.modules:
-        if quantised and adapter.config.init == "svd":  # the residual was re-quantised: merge exactly that
-            a0, b0 = (t.float() for t in residual_factors(adapter)[module])
+        residuals = residual_factors(adapter)
+        if quantised and residuals is not None:  # the residual was re-quantised: merge exactly that
+            a0, b0 = (t.float() for t in residuals[module])
             tensor = as_trained(tensor.float() - adapter.config.scale * (b0 @ a0), quantization)
             a, b = trained_factors(adapter, module)
             tensor = tensor.float() + adapter.config.scale * (b @ a)

@@ -85,10 +85,11 @@ def export(args: argparse.Namespace) -> None:
         merge_checkpoint,
         read_headers,
     )
+    from nola.methods import method_for
 
     adapter = read_adapter(args.adapter)
     out = Path(args.out)
-    if args.bits is not None and adapter.config.method != "nola":
+    if args.bits is not None and not method_for(adapter.config.method).quantizable:
         raise NolaError(f"--bits: {args.adapter} is a {adapter.config.method} adapter; only NOLA coefficients quantise")
     if args.bits is not None and adapter.config.quant_bits not in (None, args.bits):
         raise NolaError(f"--bits: {args.adapter} was trained with {adapter.config.quant_bits}-bit coefficients; "

@@ -11,7 +11,8 @@ from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "nola"
 METHOD_MODULES = ("basis", "fused", "autograd", "matrices", "layers", "quant", "inject", "svd_init", "adapter_config",
-                  "adapter_io")
+                  "adapter_io", "methods/__init__", "methods/base", "methods/nola", "methods/lora", "methods/vera",
+                  "peft/__init__", "peft/config", "peft/layer", "peft/model", "peft/convert")
 MAX_FUNCTION_LINES = 80
 
 
@@ -33,6 +34,7 @@ def test_the_method_modules_import_nothing_from_the_run_machinery():
     loaded = subprocess.run([sys.executable, "-c", "import sys, nola; print(sorted(sys.modules))"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout
     assert "nola.training" not in loaded and "accelerate" not in loaded  # `import nola` is the method alone
+    assert "'peft'" not in loaded and "'nola.peft'" not in loaded  # PEFT is an optional extra (nola[peft])
 
 
 def test_no_function_in_the_package_is_longer_than_a_screen():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import nola
 from nola.basis import STREAM_VERA_A, STREAM_VERA_B, generate_basis
 from nola.errors import NolaError
-from nola.layers import VERA_D_INITIAL
+from nola.methods.vera import VERA_D_INITIAL
 from nola.matrices import vera_projection
 from tests.conftest import run_train, shared_data, tiny_llama
 from tests.test_bad_inputs import entry_point

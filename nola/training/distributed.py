@@ -12,6 +12,7 @@ import torch
 
 from nola.errors import NolaError
 from nola.inject import set_deferred_projection
+from nola.methods import method_for
 from nola.training.config import RecipeConfig
 from nola.training.fsdp import fsdp_launch
 
@@ -93,7 +94,7 @@ def use_deferred_projection(config: RecipeConfig, model, use_deepspeed: bool, is
     """Turn on deferred projection for the NOLA layers when the recipe asks and the loop owns the backward. DeepSpeed
     runs backward and the optimizer step inside its engine, with no point between them to project: there the layers
     keep projecting per micro-batch, and the log says so."""
-    if not config.train.deferred_projection or config.adapter.method != "nola":
+    if not config.train.deferred_projection or not method_for(config.adapter.method).defers_projection:
         return False
     if use_deepspeed:
         if is_main:

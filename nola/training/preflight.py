@@ -18,8 +18,8 @@ from nola.data import PreparedData, StepBatches, data_fingerprint, load_records,
 from nola.errors import NolaError
 from nola.fused import requested_backend
 from nola.inject import find_target_modules
-from nola.svd_init import check_svd_ranks
 from nola.merge import checkpoint_shards
+from nola.methods import method_for
 from nola.mmlu import load_mmlu
 from nola.modeling import ModelSection, build_meta_model, check_model_source, load_tokenizer
 from nola.training.checkpoint import latest_valid_checkpoint, read_trainer_state, remove_unfinished, verify_checkpoint
@@ -43,8 +43,7 @@ def check_architecture(config: RecipeConfig, model_section: ModelSection) -> nn.
     """The model skeleton on the meta device, after checking the adapter's target modules exist in it."""
     skeleton = build_meta_model(model_section)
     targets = find_target_modules(skeleton, config.adapter.target_modules)
-    if config.adapter.init == "svd":
-        check_svd_ranks(skeleton, targets, config.adapter.rank)
+    method_for(config.adapter.method).check_targets(skeleton, targets, config.adapter)
     return skeleton
 
 
@@ -99,9 +98,9 @@ def check_frozen_adapter_engine(config: RecipeConfig, accelerator) -> None:
     (nola gathers only trained ones for checkpoints and the final adapter), and a float base as it loads, before
     the SVD could read it. ZeRO-2 and DDP keep both whole."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    adapter = config.adapter
-    if plugin is not None and plugin.zero_stage == 3 and (adapter.freeze_a or adapter.init == "svd"):
-        key = "adapter.freeze_a: true" if adapter.freeze_a else "adapter.init: svd"
+    method = method_for(config.adapter.method)
+    key = method.frozen_tensor_setting(config.adapter) or method.base_weight_start(config.adapter)
+    if plugin is not None and plugin.zero_stage == 3 and key:
         raise NolaError(f"{key} is not supported under DeepSpeed ZeRO-3 (it partitions the frozen A and the base "
                         f"weights an SVD start reads); launch with recipes/accelerate/zero2.yaml or ddp.yaml")
 
@@ -113,9 +112,10 @@ def check_sharded_engine(config: RecipeConfig, accelerator) -> None:
         return
     shard_options(accelerator.num_processes, accelerator.device.type)
     check_sharded_model(config.model)
-    if config.adapter.init == "svd":
-        raise NolaError("adapter.init: svd is not supported under FSDP (it reads whole base weights, and each rank "
-                        "holds 1/N of them); launch with recipes/accelerate/zero2.yaml or ddp.yaml")
+    key = method_for(config.adapter.method).base_weight_start(config.adapter)
+    if key:
+        raise NolaError(f"{key} is not supported under FSDP (it reads whole base weights, and each rank holds 1/N "
+                        f"of them); launch with recipes/accelerate/zero2.yaml or ddp.yaml")
 
 
 def resolve_resume(config: RecipeConfig, checkpoints_dir: Path, accelerator) -> Path | None:

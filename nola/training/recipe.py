@@ -40,6 +40,7 @@ from nola.inject import (
     project_deferred_gradients,
     record_mixed_precision,
 )
+from nola.methods import method_for
 from nola.mmlu import mmlu_accuracy
 from nola.modeling import autocast, autocast_forward, load_model
 from nola.training.checkpoint import capture_rng, gather_training_state, load_checkpoint, rotate_checkpoints
@@ -200,7 +201,7 @@ class FineTuneRecipe:
         the residual on a 4-bit one) are printed and returned for the run summary. On resume the residual is
         rebuilt from the checkpoint's adapter file, not from a second SVD."""
         adapter = self.config.adapter_config()
-        if adapter.init != "svd":
+        if method_for(adapter.method).base_weight_start(adapter) is None:
             attach(model, adapter)
             return {}
         held_out = bool(self.plan.data.validation)

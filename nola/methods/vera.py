@@ -1,0 +1,36 @@
+"""VeRA (Kopiczko et al. 2024), the extreme-compression peer of NOLA: A = Λ_d·A_s, B = Λ_b·B_s with A_s, B_s frozen
+random projections shared by all layers (regenerated from the run seed), and only the vectors d (r, starting at
+0.1) and b (out, starting at 0) trained."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nola.matrices import vera_matrices
+from nola.methods.base import AdapterMethod
+
+# VeRA's initial d: the value of its reference implementation (PEFT's VeraConfig.d_initial).
+VERA_D_INITIAL = 0.1
+
+
+class Vera(AdapterMethod):
+    name = "vera"
+
+    def create(self, layer, config, seed, dtype, device, factors):
+        layer.projection_seed = config.seed  # the run's: VeRA's projections are shared by every layer
+        layer.vera_d = nn.Parameter(torch.full((layer.rank,), VERA_D_INITIAL, dtype=dtype, device=device))
+        layer.vera_b = nn.Parameter(torch.zeros(layer.out_features, dtype=dtype, device=device))
+
+    def stored_tensors(self, layer):
+        return {"vera_d": layer.vera_d, "vera_b": layer.vera_b}
+
+    def matrices(self, layer):
+        return vera_matrices(layer.vera_d, layer.vera_b, layer.projection_seed, layer.in_features, layer.out_features)
+
+    def stored_shapes(self, config, out_features, in_features):
+        return {"vera_d": (config.rank,), "vera_b": (out_features,)}
+
+    def matrices_from_values(self, config, values, seed, out_features, in_features):
+        return vera_matrices(values["vera_d"].float(), values["vera_b"].float(), config.seed, in_features,
+                             out_features)
