@@ -173,7 +173,7 @@ def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
 
 def _deferrable_layers(model: nn.Module) -> list[AdaptedLinear]:
     """The adapted layers whose method materialises A and B from a basis (NOLA): those with a projection to defer."""
-    return [module for _, module in adapted_modules(model) if module.materialized is not None]
+    return [module for _, module in adapted_modules(model) if module.method.defers_projection]
 
 
 def set_deferred_projection(model: nn.Module, enabled: bool) -> int:

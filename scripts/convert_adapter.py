@@ -28,7 +28,8 @@ def convert(args: argparse.Namespace) -> None:
     source, out = Path(args.adapter), Path(args.out)
     if not source.is_dir():
         raise NolaError(f"--adapter: {source} is not a directory")
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+    inside = {out.resolve(), *out.resolve().parents}, {source.resolve(), *source.resolve().parents}
+    if source.resolve() in inside[0] or out.resolve() in inside[1]:  # one holds (or is) the other
         raise NolaError(f"--out: {out} overlaps --adapter {source}; write the conversion elsewhere")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise NolaError(f"--out: {out} is not an empty directory (pass --overwrite to replace it)")

@@ -89,6 +89,7 @@ def test_no_module_outside_the_registry_and_config_branches_on_a_method_name():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare):
                 operands = [node.left, *node.comparators]
+                operands += [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts]
                 names = [o.value for o in operands if isinstance(o, ast.Constant) and o.value in NAMES]
                 if names:
                     offenders.append(f"{relative}:{node.lineno} compares with {names[0]!r}")

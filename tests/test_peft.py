@@ -17,12 +17,13 @@ pytest.importorskip("peft", reason="nola[peft] extra not installed")
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 
 import nola  # noqa: E402
-from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_adapter, save_adapter  # noqa: E402
+from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE, apply_adapter, read_adapter, save_adapter  # noqa: E402
 from nola.errors import NolaError  # noqa: E402
 from nola.inject import base_description_of  # noqa: E402
 from nola.merge import merge_checkpoint  # noqa: E402
 from nola.modeling import disable_bnb_cpu_repacking, quantization_config  # noqa: E402
 from nola.peft import NolaConfig, NolaLayer  # noqa: E402
+from nola.peft.convert import read_peft_nola  # noqa: E402
 from nola.training.config import load_recipe  # noqa: E402
 from tests.conftest import REPO_ROOT, shared_data, tiny_llama  # noqa: E402
 
@@ -219,6 +220,16 @@ def test_conversion_both_ways_is_bit_exact_and_loads_in_either_library(tmp_path)
                        peft_model(tokens).logits)
 
 
+def test_peft_only_targeting_converts_to_the_modules_it_chose(tmp_path):
+    peft_model = get_peft_model(tiny_llama(), NolaConfig(**SMALL, exclude_modules=["o_proj"]))
+    randomise_coefficients(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    adapter = read_peft_nola(tmp_path / "peft")
+    assert len(adapter.modules) == 12 and not any(name.endswith("o_proj") for name in adapter.modules)
+    tokens = torch.randint(0, 128, (2, 7))
+    assert torch.equal(apply_adapter(tiny_llama(), adapter)(tokens).logits, peft_model(tokens).logits)
+
+
 def test_conversion_refuses_what_has_no_peft_nola_form_in_one_line(tmp_path, capsys):
     lora = nola.attach(tiny_llama(), nola.AdapterConfig(method="lora", rank=2))
     save_adapter(lora, tmp_path / "lora")
@@ -226,6 +237,20 @@ def test_conversion_refuses_what_has_no_peft_nola_form_in_one_line(tmp_path, cap
     assert capsys.readouterr().err.strip() == ("error: NolaConfig: adapter method 'lora' has no PEFT NOLA form "
                                                "(PEFT's NOLA layer trains float32 coefficients)")
     assert not (tmp_path / "out").exists()
+
+    quantised = nola.attach(tiny_llama(), nola.AdapterConfig(**SMALL, quant_bits=4))
+    save_adapter(quantised, tmp_path / "4bit")
+    assert run_convert("--adapter", str(tmp_path / "4bit"), "--out", str(tmp_path / "out")) == 2
+    assert "with 4-bit coefficients has no PEFT NOLA form" in capsys.readouterr().err
+
+    get_peft_model(tiny_llama(), NolaConfig(**SMALL, modules_to_save=["lm_head"])).save_pretrained(tmp_path / "mts")
+    assert run_convert("--adapter", str(tmp_path / "mts"), "--out", str(tmp_path / "out")) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'mts' / CONFIG_FILE}: modules_to_save trains or "
+                                               f"changes modules besides NOLA's layers, which a nola adapter does "
+                                               f"not hold; use the adapter with PEFT")
+    assert run_convert("--adapter", str(tmp_path / "lora"), "--out", str(tmp_path)) == 2  # holds the input
+    assert "overlaps --adapter" in capsys.readouterr().err
+    assert (tmp_path / "lora" / WEIGHTS_FILE).is_file()
 
     get_peft_model(tiny_llama(), NolaConfig(**SMALL)).save_pretrained(tmp_path / "peft")
     weights = tmp_path / "peft" / WEIGHTS_FILE
@@ -287,17 +312,72 @@ def test_unsupported_module_types_are_refused_in_one_line_naming_them():
         get_peft_model(tiny_llama(), NolaConfig(**SMALL, target_modules=["embed_tokens"]))
 
 
-def test_coefficients_cast_to_bf16_after_training_are_refused_and_untrained_ones_restored():
+def test_coefficients_keep_float32_through_trls_cast_and_module_to():
     model = get_peft_model(tiny_llama(), NolaConfig(**SMALL))
-    tokens = torch.randint(0, 128, (1, 5))
+    randomise_coefficients(model)
+    trained = {name: p.detach().clone() for name, p in trainable(model).items()}
     for parameter in trainable(model).values():  # what TRL does to a quantised model's trainable parameters
         parameter.data = parameter.data.to(torch.bfloat16)
-    model(tokens)
-    assert all(p.dtype == torch.float32 for p in trainable(model).values())
-    randomise_coefficients(model)
-    for parameter in trainable(model).values():
-        parameter.data = parameter.data.to(torch.bfloat16)
-    with pytest.raises(NolaError, match=r"^nola: coefficients of adapter 'default' were cast to torch.bfloat16 after "
-                                        r"training"):
-        model(tokens)
+    model.to(torch.bfloat16)
+    assert all(torch.equal(p, trained[name]) and p.dtype == torch.float32 for name, p in trainable(model).items())
+    assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16
+    for parameter in trainable(model).values():  # new values, or a higher precision, do go through
+        parameter.data = torch.zeros_like(parameter.data)
+    assert all(not p.any() for p in trainable(model).values())
 
+
+def test_coefficients_replaced_by_lower_precision_ones_are_refused_in_one_line():
+    model = get_peft_model(tiny_llama(), NolaConfig(**SMALL))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.nola_coefficients_a["default"] = nn.Parameter(torch.zeros(16, dtype=torch.bfloat16))
+    with pytest.raises(NolaError, match=r"^nola: coefficients of adapter 'default' are torch.bfloat16, not "
+                                        r"torch.float32 \(lower-precision coefficients lose the update\)"):
+        model(torch.randint(0, 128, (1, 5)))
+
+
+def test_a_low_cpu_mem_usage_load_onto_a_bf16_base_keeps_the_coefficients_exact(tmp_path):
+    model = get_peft_model(tiny_llama(), NolaConfig(**SMALL))
+    randomise_coefficients(model)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = {module_key(name): p.detach().clone() for name, p in trainable(model).items()}
+    loaded = PeftModel.from_pretrained(tiny_llama(torch.bfloat16), tmp_path / "adapter", low_cpu_mem_usage=True)
+    values = {module_key(name): p.detach() for name, p in loaded.named_parameters() if "nola_" in name}
+    assert values.keys() == saved.keys()
+    assert all(values[key].dtype == torch.float32 and torch.equal(values[key], saved[key]) for key in saved)
+
+
+def test_one_config_serves_several_models():
+    config = NolaConfig(**SMALL)
+    first = get_peft_model(tiny_llama(), config)
+    second = get_peft_model(tiny_llama(init_seed=1, hidden_size=64, intermediate_size=96), config)
+    assert not config.module_seeds and not config.base_model_fingerprint  # the caller's config is left as it was
+    assert first.peft_config["default"].base_model_fingerprint["modules"]["model.layers.0.mlp.down_proj"] == [32, 48]
+    assert second.peft_config["default"].base_model_fingerprint["modules"]["model.layers.0.mlp.down_proj"] == [64, 96]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(layers_to_transform=[0]), r"^NolaConfig.layers_to_transform: needs target_modules as a list of module "
+                                     r"names, not 'all-linear'"),
+    (dict(target_parameters=["mlp.experts"]), r"^NolaConfig.target_parameters: NOLA adapts Linear modules"),
+    (dict(target_modules=[]), r"^adapter.target_modules: must be 'all-linear' or a list of names, got \[\]$"),
+])
+def test_settings_nola_cannot_honour_are_refused_in_one_line(settings, message):
+    with pytest.raises(NolaError, match=message):
+        NolaConfig(**SMALL, **settings)
+
+
+def test_a_deeper_base_with_the_same_first_layers_is_refused(tmp_path):
+    save_adapter(nola.attach(tiny_llama(), nola.AdapterConfig(**SMALL)), tmp_path / "nola")  # all-linear
+    assert run_convert("--adapter", str(tmp_path / "nola"), "--out", str(tmp_path / "adapter")) == 0
+    deeper = tiny_llama(num_hidden_layers=3)
+    deeper.load_state_dict(tiny_llama().state_dict(), strict=False)  # layers 0 and 1, embeddings: the same
+    with pytest.raises(NolaError, match=r"^NolaConfig: adapter is for another base model \(module model.layers.2.mlp."
+                                        r"down_proj is not in the adapter\)$"):
+        PeftModel.from_pretrained(deeper, tmp_path / "adapter")
+
+
+def test_merging_into_the_4bit_base_warns_that_it_re_quantises():
+    model = get_peft_model(tiny_4bit_loader()(), NolaConfig.from_adapter(recipe_adapter()))
+    randomise_coefficients(model)
+    with pytest.warns(UserWarning, match="merging into a 4-bit weight re-quantises it"):
+        model.merge_adapter()

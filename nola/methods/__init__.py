@@ -1,5 +1,6 @@
 """The adaptation methods nola trains, one module each behind `AdapterMethod` (nola/methods/base.py), and the
-registry that maps a config's `method` to its implementation: the one place outside the config that names them."""
+registry that maps a config's `method` to its implementation. Besides these modules only the config
+(nola/adapter_config.py) names a method; the rest of nola asks the method object."""
 
 from __future__ import annotations
 

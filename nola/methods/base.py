@@ -19,6 +19,8 @@ import torch
 if TYPE_CHECKING:  # annotations only: the config module imports the registry
     from nola.adapter_config import AdapterConfig
 
+Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B), or (A0, B0): r × in and out × r
+
 
 class AdapterMethod:
     """One parameterisation of ΔW = scale·B·A. Subclasses set `name` and implement the five abstract calls; the
@@ -29,7 +31,7 @@ class AdapterMethod:
     defers_projection: bool = False  # its gradients pass through a basis projection that can wait for the step
 
     def create(self, layer: torch.nn.Module, config: AdapterConfig, seed: int, dtype: torch.dtype,
-               device: torch.device, factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+               device: torch.device, factors: Factors | None) -> None:
         """Register the layer's tensors on `layer` (an `AdaptedLinear` with rank, in/out features set).
         `factors`: what `initial_factors` returned for this layer."""
         raise NotImplementedError
@@ -38,7 +40,7 @@ class AdapterMethod:
         """What an adapter file stores of this layer, by short name, in file order."""
         raise NotImplementedError
 
-    def matrices(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def matrices(self, layer: torch.nn.Module) -> Factors:
         """The layer's (A, B), r × in and out × r, differentiable in its trainable tensors."""
         raise NotImplementedError
 
@@ -48,7 +50,7 @@ class AdapterMethod:
         raise NotImplementedError
 
     def matrices_from_values(self, config: AdapterConfig, values: dict[str, torch.Tensor], seed: int | None,
-                             out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             out_features: int, in_features: int) -> Factors:
         """(A, B) in float32 from one module's stored values (`seed`: the module's): the very matrices the layer
         computes with, made without a model, for merge and export."""
         raise NotImplementedError
@@ -70,8 +72,8 @@ class AdapterMethod:
         """Refuse, in one line, target layers this config cannot adapt (before anything is changed)."""
 
     def initial_factors(self, name: str, base_layer: torch.nn.Module, config: AdapterConfig, seed: int,
-                        residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
-                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        residuals: dict[str, Factors] | None
+                        ) -> Factors | None:
         """Factors a start computes from (and subtracts from) the base layer, `residuals` ({name: factors}, an
         adapter file's) standing in for a fresh computation; None for a start that leaves the base alone."""
         return None
@@ -82,6 +84,6 @@ class AdapterMethod:
         return None
 
     def residual_factors(self, config: AdapterConfig, values: dict[str, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         ) -> Factors | None:
         """(A0, B0) subtracted from the base at the start, from one module's stored values; None if none was."""
         return None

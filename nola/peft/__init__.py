@@ -2,8 +2,8 @@
 `PeftModel.from_pretrained`, or TRL's `SFTTrainer(peft_config=NolaConfig(...))`.
 
 Importing this package registers the string peft type "NOLA" in PEFT's mappings. PEFT's `register_peft_method`
-accepts only names of its own enum; string peft types work since peft 0.17 (PR #2635), which is why peft and trl
-are the optional extra `nola[peft]` at those versions and up.
+accepts only names of its own enum; a string peft type works in its mappings since PR #2635. peft and trl are the
+optional extra `nola[peft]`, at the versions it is tested with (peft 0.21, trl 1.16) and up.
 """
 
 from __future__ import annotations

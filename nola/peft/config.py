@@ -6,9 +6,9 @@ from TRL, and one name per setting keeps recipes, adapter files and this config 
 
 What makes a saved adapter rebuildable: every module's seed (`module_seeds`), the basis generator's version
 (`generator_version`) and the base model's fingerprint (`base_model_fingerprint`: adapted module shapes, an
-input-embedding sample, the 4-bit settings), all recorded when the adapter is injected and written to
-adapter_config.json. A config read back with another generator version is refused when built; one whose base
-differs, when it is injected.
+input-embedding sample, and the 4-bit settings merge needs), all recorded when the adapter is injected and written
+to adapter_config.json. A config read back with another generator version is refused when built; one whose base
+differs (module shapes, adapted modules, embedding weights), when it is injected.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from nola.adapter_config import AdapterConfig
 from nola.basis import DEFAULT_CHUNK_BYTES, GENERATOR_VERSION
 from nola.errors import NolaError
 from nola.methods.nola import NAME as NOLA
-
 
 
 class PeftTypeName(str):
@@ -62,7 +61,7 @@ class NolaConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules left alone"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "other modules trained and saved"})
     trainable_token_indices: Optional[Union[list[int], dict]] = field(default=None, metadata={"help": "PEFT's"})
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "PEFT's; unused by NOLA"})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "PEFT's; refused by NOLA"})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "layer indices"})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "layer list name"})
     module_seeds: dict[str, int] = field(default_factory=dict, metadata={"help": "recorded at injection"})
@@ -75,6 +74,11 @@ class NolaConfig(PeftConfig):
         if self.generator_version != GENERATOR_VERSION:
             raise NolaError(f"NolaConfig: basis generator {self.generator_version!r} differs from this nola's "
                             f"{GENERATOR_VERSION!r}; the adapter's bases cannot be regenerated")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise NolaError(f"NolaConfig.layers_to_transform: needs target_modules as a list of module names, not "
+                            f"{self.target_modules!r} (PEFT would adapt every layer)")
+        if self.target_parameters:
+            raise NolaError("NolaConfig.target_parameters: NOLA adapts Linear modules, not bare parameters")
         self.adapter_config()  # validates, in nola's words
 
     @classmethod
@@ -89,7 +93,11 @@ class NolaConfig(PeftConfig):
 
     def adapter_config(self) -> AdapterConfig:
         """The same settings as nola's `AdapterConfig` (method NOLA): what the layers and the file converter use."""
-        targets = self.target_modules if isinstance(self.target_modules, (str, list)) else sorted(self.target_modules)
+        targets = self.target_modules
+        if targets is None:  # PEFT's default targets for the model type: for LLaMA, its seven projections
+            targets = "all-linear"
+        elif isinstance(targets, set):  # PEFT expands "all-linear" into a set of names
+            targets = sorted(targets)
         settings = {name: getattr(self, name) for name in SHARED_SETTINGS}
-        return AdapterConfig(method=NOLA, **{**settings, "target_modules": targets or "all-linear",
+        return AdapterConfig(method=NOLA, **{**settings, "target_modules": targets,
                                                "module_seeds": dict(self.module_seeds)})

@@ -19,19 +19,24 @@ from safetensors.torch import save_file
 
 from nola.adapter_io import (
     CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
     WEIGHTS_FILE,
     AdapterFile,
+    file_sha256,
     pack_state,
     read_weights,
     write_adapter,
     write_directory_atomically,
 )
+from nola.basis import GENERATOR_VERSION
 from nola.errors import NolaError
 from nola.methods import method_for
 from nola.peft.config import PEFT_TYPE, NolaConfig
 from nola.peft.model import PREFIX
 
 PEFT_KEY_PREFIX = "base_model.model."
+PEFT_ONLY_SETTINGS = ("modules_to_save", "trainable_token_indices")  # trained tensors beyond the coefficients
 
 
 def peft_key(module: str, short: str) -> str:
@@ -66,8 +71,10 @@ def nola_to_peft(adapter: AdapterFile, out_dir: str | Path, base_model_name_or_p
 
 
 def read_peft_nola(path: str | Path) -> AdapterFile:
-    """A PEFT NOLA adapter directory as nola's `AdapterFile` (settings, values, base fingerprint), checked: the
-    generator version (by NolaConfig), every module's two coefficient vectors and their lengths."""
+    """A PEFT NOLA adapter directory as nola's `AdapterFile`, which nola's merge, export and `apply_adapter` take as
+    they take a read nola adapter. Checked: the generator version (by NolaConfig), no PEFT-only trained modules,
+    every module's two coefficient vectors and their lengths. Where PEFT chose the modules by a regex or by its layer
+    and exclusion filters, the nola settings name the chosen modules instead."""
     directory = Path(path)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not is_peft_nola_directory(directory) or not weights_path.is_file():
@@ -79,11 +86,17 @@ def read_peft_nola(path: str | Path) -> AdapterFile:
     if unknown:
         raise NolaError(f"{config_path}: unknown NolaConfig key {unknown[0]!r}")
     peft_config = NolaConfig(**description)
-    config = peft_config.adapter_config()
+    for setting in PEFT_ONLY_SETTINGS:
+        if getattr(peft_config, setting):
+            raise NolaError(f"{config_path}: {setting} trains or changes modules besides NOLA's layers, which a nola "
+                            f"adapter does not hold; use the adapter with PEFT")
     base = peft_config.base_model_fingerprint
     modules = base.get("modules") if isinstance(base, dict) else None
-    if not isinstance(modules, dict) or set(modules) != set(config.module_seeds):
+    if not isinstance(modules, dict) or set(modules) != set(peft_config.module_seeds):
         raise NolaError(f"{config_path}: base_model_fingerprint.modules must name every module of module_seeds")
+    config = peft_config.adapter_config()
+    if not same_targets_in_nola(peft_config):  # PEFT-only targeting: name the modules it chose instead
+        config = dataclasses.replace(config, target_modules=list(modules))
     stored = read_weights(weights_path)
     values: dict[str, torch.Tensor] = {}
     for name, (out_features, in_features) in modules.items():
@@ -95,7 +108,17 @@ def read_peft_nola(path: str | Path) -> AdapterFile:
             values[f"{name}.{short}"] = tensor
     if stored:
         raise NolaError(f"{weights_path}: unexpected tensor {sorted(stored)[0]}")
-    return AdapterFile(directory, {"adapter": config.to_dict(), "base_model": base}, config, values)
+    nola_description = {"format": FORMAT, "format_version": FORMAT_VERSION, "generator_version": GENERATOR_VERSION,
+                        "adapter": config.to_dict(), "base_model": base, "weights_sha256": file_sha256(weights_path)}
+    return AdapterFile(directory, nola_description, config, values)
+
+
+def same_targets_in_nola(config: NolaConfig) -> bool:
+    """Whether nola's target matching (`all-linear`, or names matched whole or as a dotted suffix, as PEFT matches a
+    list) picks the modules PEFT picked with these settings: not for a regex or PEFT's layer and exclusion filters."""
+    filtered = config.exclude_modules or config.layers_to_transform is not None or config.layers_pattern
+    regex = isinstance(config.target_modules, str) and config.target_modules != "all-linear"
+    return not (filtered or regex)
 
 
 def peft_to_nola(path: str | Path, out_dir: str | Path) -> Path:

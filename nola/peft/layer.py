@@ -4,11 +4,13 @@ around nola's own arithmetic.
 Nothing of the method is re-implemented here. Per adapter a layer holds the two coefficient vectors (float32, in
 `ParameterDict`s as PEFT's tuners hold theirs) and a `MaterializedMatrices` cache; A and B come from
 `coefficient_matrices` and the update from `add_update`, the very functions `AdaptedLinear` runs, so for the same
-seed and coefficients the two layers compute the same output bit for bit, and merging writes nola's merge.
+seed and coefficients the two layers compute the same output bit for bit, and merging into a float base writes
+the weights nola's merge writes.
 
-Coefficients stay float32. TRL casts the trainable parameters of a quantised model to bf16 (peft #2889); bf16
-coefficients round a small update away, so the layer puts untrained (all-zero, so losslessly cast) coefficients
-back to float32 at the next forward, and refuses in one line coefficients that were cast after they trained.
+Coefficients stay float32. TRL casts every trainable parameter of a quantised model to bf16 (peft #2889), and
+PEFT's device placement casts adapters to the base layer's dtype; bf16 coefficients round a small update away. So
+the coefficients are `Float32Coefficients`, which ignore an assignment that only lowers the precision of the values
+they hold, and the layer moves them between devices without changing their dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +27,32 @@ from nola.layers import add_update, coefficient_dtype
 from nola.matrices import MaterializedMatrices
 from nola.methods.nola import coefficient_matrices
 from nola.peft.config import NolaConfig
+
+
+class Float32Coefficients(nn.Parameter):
+    """A coefficient vector that keeps its precision: `p.data = p.data.to(torch.bfloat16)` (what TRL does to the
+    trainable parameters of a quantised model, and `module.to(dtype)` to every parameter) leaves it as it is,
+    because those are its own values at a lower precision. Any other assignment (new values, another device, a
+    higher precision) goes through."""
+
+    @property
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        current = torch.Tensor.data.__get__(self)
+        if not (current.is_meta or value.is_meta) and is_lower_precision_copy(value, current):
+            return
+        torch.Tensor.data.__set__(self, value)
+
+
+def is_lower_precision_copy(value: torch.Tensor, current: torch.Tensor) -> bool:
+    """Whether `value` is `current` cast to a floating dtype of fewer bits, on the same device."""
+    return (value.dtype.is_floating_point and current.dtype.is_floating_point
+            and torch.finfo(value.dtype).bits < torch.finfo(current.dtype).bits
+            and value.shape == current.shape and value.device == current.device
+            and torch.equal(value, current.to(value.dtype)))
 
 
 class NolaLayer(BaseTunerLayer):
@@ -52,34 +80,34 @@ class NolaLayer(BaseTunerLayer):
         base = self.get_base_layer()
         settings = config.adapter_config()
         dtype, device = coefficient_dtype(base), base.weight.device
-        self.nola_coefficients_a[adapter_name] = nn.Parameter(torch.zeros(settings.basis_size_a, dtype=dtype,
-                                                                          device=device))
-        self.nola_coefficients_b[adapter_name] = nn.Parameter(torch.zeros(settings.basis_size_b, dtype=dtype,
-                                                                          device=device))
+        for parameters, size in ((self.nola_coefficients_a, settings.basis_size_a),
+                                 (self.nola_coefficients_b, settings.basis_size_b)):
+            parameters[adapter_name] = Float32Coefficients(torch.zeros(size, dtype=dtype, device=device))
         self.nola_rank[adapter_name] = settings.rank
         self.nola_scale[adapter_name] = settings.scale
         self.nola_dropout[adapter_name] = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.nola_materialized[adapter_name] = MaterializedMatrices(seed, settings.rank, self.in_features,
                                                                     self.out_features, settings.basis_chunk_bytes)
-        # PEFT's _move_adapter_to_device_of_base_layer would also cast to the base's (bf16) dtype: not done
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """PEFT's placement (after loading an adapter, or adding one) without its cast to the base layer's dtype:
+        the coefficients go to the base's device and stay float32."""
+        base = self.get_base_layer()
+        device = device if device is not None else base.weight.device
+        for parameters in (self.nola_coefficients_a, self.nola_coefficients_b):
+            parameter = parameters.get(adapter_name)
+            if parameter is not None and not parameter.is_meta:
+                parameter.data = parameter.data.to(device)
 
     def adapter_matrices(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one adapter, float32, differentiable in its coefficients."""
-        alphas = self._float32_coefficients(self.nola_coefficients_a, adapter_name)
-        betas = self._float32_coefficients(self.nola_coefficients_b, adapter_name)
-        return coefficient_matrices(self.nola_materialized[adapter_name], alphas, betas, None)
-
-    def _float32_coefficients(self, parameters: nn.ParameterDict, adapter_name: str) -> torch.Tensor:
-        parameter = parameters[adapter_name]
+        alphas, betas = self.nola_coefficients_a[adapter_name], self.nola_coefficients_b[adapter_name]
         wanted = coefficient_dtype(self.get_base_layer())
-        if parameter.dtype != wanted:
-            if not parameter.is_meta and bool(parameter.detach().any()):
-                raise NolaError(f"nola: coefficients of adapter {adapter_name!r} were cast to {parameter.dtype} "
-                                f"after training (bf16 coefficients lose the update; TRL casts trainable "
-                                f"parameters of quantised models, peft #2889): keep them {wanted}")
-            parameter.data = parameter.data.to(wanted)  # all zeros (or no values yet): the cast lost nothing
-        return parameter
+        if alphas.dtype != wanted or betas.dtype != wanted:
+            raise NolaError(f"nola: coefficients of adapter {adapter_name!r} are {alphas.dtype}, not {wanted} "
+                            f"(lower-precision coefficients lose the update): something replaced them")
+        return coefficient_matrices(self.nola_materialized[adapter_name], alphas, betas, None)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scale·B·A of one adapter, float32 (out × in), without autograd: what merging adds to the base."""
@@ -88,11 +116,15 @@ class NolaLayer(BaseTunerLayer):
             return (b.float() @ a.float()) * self.nola_scale[adapter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or named) adapters' updates to the base weight: in float32, then cast to the weight's
-        dtype, as nola's merge writes a checkpoint (a 4-bit base is dequantised and quantised again)."""
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.nola_coefficients_a:
-                continue
+        """Add the active (or named) adapters' updates to the base weight, in float32, then cast to the weight's
+        dtype. A 4-bit base is dequantised and quantised again, which rounds: PEFT's LoRA warns of the same, and
+        nola's merge_and_export.py writes a float checkpoint instead."""
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.nola_coefficients_a]
+        if names and self.quantization_backend is not None:
+            warnings.warn("nola: merging into a 4-bit weight re-quantises it, so outputs change by more than the "
+                          "update (and unmerge does not restore the original); merge_and_export.py --format hf "
+                          "writes the merge as float weights")
+        for name in names:
             weight = self.get_base_weight()
             merged = (weight.float() + self.get_delta_weight(name).to(weight.device)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
@@ -101,7 +133,7 @@ class NolaLayer(BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract merged updates again (exact for a float32 base; a lower-precision one keeps a rounding)."""
+        """Subtract merged updates again (up to float rounding on a float base; re-quantised on a 4-bit one)."""
         if not self.merged:
             warnings.warn("nola: already unmerged, nothing to do")
             return

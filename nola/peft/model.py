@@ -2,15 +2,20 @@
 delete adapters, merge_and_unload and unload come from it).
 
 What it adds to PEFT's generic injection: every module's seed is nola's `module_seed(seed, name)` (so a PEFT
-adapter and nola's own, trained on one base with one seed, have the same bases), and the config records those
-seeds and the base's fingerprint when an adapter is first injected. An adapter read back from disk is checked
-against the model before anything is injected: another base fails in one line naming the first difference.
+adapter and nola's own, trained on one base with one seed, have the same bases), and the adapter's config (a copy:
+the caller's config stays reusable on other models) records those seeds and the base's fingerprint when the
+adapter is first injected. An adapter read back from disk is checked against the model before anything is
+injected: another base (other module shapes, other adapted modules, other embedding weights) fails in one line
+naming the first difference.
 """
 
 from __future__ import annotations
 
+import copy
+import re
+
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from torch import nn
 
 from nola.adapter_config import LLAMA_LINEAR_MODULES
@@ -22,6 +27,7 @@ from nola.peft.config import NolaConfig
 from nola.peft.layer import Linear, NolaLayer
 
 PREFIX = "nola_"
+WRAPPED_BASE = re.compile(r"\.base_layer(?=\.|$)")  # the Linear an adapter layer wraps, inside its name
 
 
 class NolaModel(BaseTuner):
@@ -34,7 +40,7 @@ class NolaModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """PEFT's injection, after checking a recorded fingerprint against `model` (nothing is changed on a
         mismatch) and before recording one for a new adapter."""
-        config = self.peft_config[adapter_name]
+        config = self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
         if config.base_model_fingerprint:
             check_fingerprint(model, config)
         base = base_description(model)  # before injection: its names are the base's own
@@ -71,14 +77,28 @@ def base_description(model: nn.Module) -> dict:
     description = describe_base(model)
     quantization = description.get("quantization")
     if quantization:
-        quantization["modules"] = [name.replace(".base_layer", "") for name in quantization["modules"]]
+        quantization["modules"] = [WRAPPED_BASE.sub("", name) for name in quantization["modules"]]
     return description
+
+
+def targeted_modules(model: nn.Module, config: NolaConfig) -> list[str]:
+    """Names of the modules `config` would adapt in `model` (PEFT's own matching, "all-linear" expanded), before
+    any is wrapped: what a recorded fingerprint is compared with."""
+    expanded = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    return [name for name, module in model.named_modules()
+            if name and not WRAPPED_BASE.search(name) and BaseTuner._check_target_module_exists(expanded, name)
+            and isinstance(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module,
+                           base_layer_types())]
 
 
 def check_fingerprint(model: nn.Module, config: NolaConfig) -> None:
     """Refuse a base whose adapted modules, shapes or input embeddings differ from the ones the adapter was
-    trained on: one line, naming the first difference."""
+    trained on: one line, naming the first difference. (The 4-bit settings are recorded for merging, not
+    compared: an adapter trained on an nf4 base may be served on the float one.)"""
     recorded = config.base_model_fingerprint
+    extra = sorted(set(targeted_modules(model, config)) - set(recorded.get("modules", {})))
+    if extra:
+        raise NolaError(f"NolaConfig: adapter is for another base model (module {extra[0]} is not in the adapter)")
     modules = dict(model.named_modules())
     for name, (out_features, in_features) in recorded.get("modules", {}).items():
         module = modules.get(name)
