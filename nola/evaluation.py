@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from nola.data import collate
+from nola.data.packing import model_inputs
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions (fp32 logits), and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits_loss_sum(logits, batch["labels"])
+    """Summed next-token cross-entropy over labelled positions (fp32 logits), and how many there were: of a padded
+    batch, or of a packed one (each example attending to itself only)."""
+    logits = model(**model_inputs(model, batch)).logits
+    return logits_loss_sum(logits, batch["labels"].reshape(logits.shape[:2]))  # FlashAttention: rows end to end
 
 
 def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -52,6 +52,11 @@ def trained_mixed_precision(adapter: AdapterFile | None) -> str:
     return adapter.base.get("mixed_precision", "no") if adapter is not None else "no"
 
 
+def trained_prompt_template(adapter: AdapterFile | None) -> str:
+    """The prompt template the adapter was trained with ("alpaca" for adapters that predate the record)."""
+    return adapter.base.get("prompt_template", "alpaca") if adapter is not None else "alpaca"
+
+
 def load_for_inference(base: str, adapter_dir: str | Path | None = None, device: torch.device | None = None):
     """(model, tokenizer): `base` (a checkpoint, a merged export, or `embedded:tiny-llama`) with the adapter at
     `adapter_dir` applied, if any, computing as it was trained (4-bit layers, dtypes, autocast)."""
@@ -87,10 +92,11 @@ def max_logit_difference(reference: list[torch.Tensor], candidate: list[torch.Te
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+def generate(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_new_tokens: int, batch_size: int = 8,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
-    """Completions of `prompts` (left-padded batches); temperature 0 is greedy, otherwise sampling from a seeded
-    generator state so a run can be repeated."""
+    """Completions of `prompts` (texts, tokenised with the tokenizer's BOS, or token ids as a chat template makes
+    them; left-padded batches); temperature 0 is greedy, otherwise sampling from a seeded generator state so a run
+    can be repeated."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     sampling = temperature > 0
@@ -101,7 +107,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in prompts[start : start + batch_size]]
+            batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
             output = model.generate(**batch, **options)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -112,10 +119,12 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
 def sample_generations(model: nn.Module, tokenizer, examples: list[Example], count: int, max_new_tokens: int,
                        interrupt: Callable[[], None] | None = None) -> list[dict[str, str]]:
     """Greedy completions of the first `count` tokenized examples' prompts, beside their reference responses: what
-    a run prints before and after training. `interrupt` runs before each prompt (it raises to stop early)."""
+    a run prints before and after training. Examples with no prompt (plain text records) have nothing to prompt
+    with and are passed over; a conversation's reference is its first answer (`reference_end`). `interrupt` runs
+    before each prompt (it raises to stop early)."""
     model.eval()
     samples = []
-    for example in examples[:count]:
+    for example in [e for e in examples if e["prompt_length"] > 0][:count]:
         if interrupt is not None:
             interrupt()
         prompt_length = example["prompt_length"]
@@ -126,7 +135,8 @@ def sample_generations(model: nn.Module, tokenizer, examples: list[Example], cou
         )
         samples.append({
             "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True)[-120:],
-            "reference": tokenizer.decode(example["input_ids"][prompt_length:], skip_special_tokens=True),
+            "reference": tokenizer.decode(example["input_ids"][prompt_length:example.get("reference_end")],
+                                          skip_special_tokens=True),
             "generated": tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
         })
     model.train()

@@ -151,6 +151,12 @@ def record_mixed_precision(model: nn.Module, mixed_precision: str) -> None:
     base_description_of(model)["mixed_precision"] = mixed_precision
 
 
+def record_prompt_template(model: nn.Module, template: str) -> None:
+    """Note the prompt template the adapter trains with (data.template, resolved), so that generation prompts it
+    the way it learned: an adapter trained on LLaMA-2-chat exchanges answers an Alpaca prompt worse."""
+    base_description_of(model)["prompt_template"] = template
+
+
 def base_description_of(model: nn.Module) -> dict:
     """`describe_base` as recorded when the adapter was attached (empty for an adapter attached on meta)."""
     return getattr(model, _BASE_ATTRIBUTE, {})

@@ -48,10 +48,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def eval_loss(model, tokenizer, records: list[dict], args: argparse.Namespace) -> dict:
+    from nola.adapter_io import read_adapter
     from nola.data import tokenize_records
     from nola.evaluation import evaluate
+    from nola.inference import trained_prompt_template
 
-    examples = [e for e in tokenize_records(records, tokenizer, args.source_max_len, args.target_max_len, False) if e]
+    # the template the adapter learned with (without an adapter: the format's own)
+    template = trained_prompt_template(read_adapter(args.adapter)) if args.adapter else None
+    examples = [e for e in tokenize_records(records, tokenizer, args.source_max_len, args.target_max_len, False,
+                                            args.format, template, args.max_seq_len, f"--data {args.data}") if e]
     if not examples:
         raise NolaError(f"--data: {args.data} has no record with a response to score")
     return {"eval_loss": evaluate(model, examples, args.batch_size, tokenizer.pad_token_id),
@@ -72,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base checkpoint, merged export, or embedded:tiny-llama")
     parser.add_argument("--adapter", help="nola adapter directory (omit for a merged model or the bare base)")
-    parser.add_argument("--data", help="Alpaca-format file for the eval loss")
+    parser.add_argument("--data", help="records for the eval loss (Alpaca unless --format says otherwise)")
+    parser.add_argument("--format", default="alpaca", choices=("alpaca", "messages", "prompt_completion", "text"),
+                        help="what a --data record is; rendered with the template the adapter was trained with")
+    parser.add_argument("--max-seq-len", type=int, help="chat templates: tokens per example (default: the sum of "
+                                                         "the two lengths)")
     parser.add_argument("--source-max-len", type=int, default=512)
     parser.add_argument("--target-max-len", type=int, default=256)
     parser.add_argument("--mmlu", help="QLoRA-format MMLU JSON file, or cais/mmlu")
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.disable_progress_bar()
         # The data first: a bad file is reported before minutes of model loading.
-        records = load_records(embedded.resolve(args.data)) if args.data else []
+        records = load_records(embedded.resolve(args.data), args.format) if args.data else []
         questions = load_mmlu(args.mmlu, args.mmlu_shots)[: args.mmlu_max_examples] if args.mmlu else []
         model, tokenizer = load_for_inference(args.base, args.adapter)
         results = {"base": args.base, "adapter": args.adapter}

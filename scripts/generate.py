@@ -1,13 +1,15 @@
-"""Generate responses with a base model and a NOLA adapter (or a merged export), in the Alpaca prompt format.
+"""Generate responses with a base model and a NOLA adapter (or a merged export), prompted as the adapter learned.
 
     python scripts/generate.py --base PATH [--adapter DIR] --prompt "Name three colours." [--prompt ...]
     python scripts/generate.py --base PATH --adapter DIR --prompts-file prompts.jsonl > answers.jsonl
     echo "Name three colours." | python scripts/generate.py --base embedded:tiny-llama --adapter runs/tiny/adapter
 
 Prompts come from --prompt (repeatable), --prompts-file (one instruction per line, or JSON Lines with
-`instruction` and optional `input`), or standard input (one instruction per line). Each is wrapped in the Alpaca
-template training used (--raw: sent as it is). Greedy by default; --temperature > 0 samples (with --top-p,
---top-k, --seed). Prints one JSON object per prompt: {"instruction", "input", "response"}.
+`instruction` and optional `input`), or standard input (one instruction per line). Each is wrapped in the prompt
+template the adapter was trained with, which its adapter_config.json records (Alpaca, LLaMA-2-chat's [INST]
+exchange or the tokenizer's chat template; Alpaca without an adapter; --raw: sent as it is). Greedy by default;
+--temperature > 0 samples (with --top-p, --top-k, --seed). Prints one JSON object per prompt: {"instruction",
+"input", "response"}.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="nola adapter directory (omit for a merged model)")
     parser.add_argument("--prompt", action="append", help="an instruction (repeatable)")
     parser.add_argument("--prompts-file", help="instructions, one per line, or JSON Lines")
-    parser.add_argument("--raw", action="store_true", help="send prompts without the Alpaca template")
+    parser.add_argument("--raw", action="store_true", help="send prompts without the template the adapter learned")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -79,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         requests = read_requests(args)
         from transformers.utils import logging
 
-        from nola.inference import alpaca_prompt, generate, load_for_inference
+        from nola.adapter_io import read_adapter
+        from nola.data.conversations import generation_prompt
+        from nola.inference import generate, load_for_inference, trained_prompt_template
 
         logging.disable_progress_bar()
         model, tokenizer = load_for_inference(args.base, args.adapter)
-        prompts = [r["instruction"] if args.raw else alpaca_prompt(r["instruction"], r["input"]) for r in requests]
+        template = trained_prompt_template(read_adapter(args.adapter) if args.adapter else None)
+        prompts = [r["instruction"] if args.raw else generation_prompt(tokenizer, template, r["instruction"],
+                                                                       r["input"]) for r in requests]
         responses = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.temperature,
                              args.top_p, args.top_k, args.seed)
         for request, response in zip(requests, responses):

@@ -164,3 +164,42 @@ def test_zero3_trains_a_4bit_base_like_one_process(cache_dir, tmp_path):
             if key in theirs:
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (key, mine["step"])
     assert_same_adapter(adapter(tmp_path / "zero3"), adapter(tmp_path / "one"))
+
+
+PACKED = ["data.packing=true"]
+
+
+@pytest.fixture(scope="module")
+def single_packed(cache_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("single-packed")
+    completed = run_train(cache_dir, *COMMON, *PACKED, "train.micro_batch_size=8", f"train.output_dir={output}")
+    assert '"packed_length": 192' in completed.stdout
+    return output
+
+
+def test_packed_rows_train_alike_on_two_processes_and_resume_on_another_count(cache_dir, single_packed, tmp_path):
+    """Packing keeps the schedule a function of (seed, epoch, index): DDP over 2 processes x 2 micro-batches of 2
+    rows trains the one-process run's adapter, and its step-2 checkpoint resumes on one process to the same end."""
+    two = tmp_path / "two"
+    run_train(cache_dir, *COMMON, *PACKED, "train.micro_batch_size=2", "train.grad_accum_steps=2",
+              f"train.output_dir={two}", launcher=accelerate(*TWO_PROCESSES["ddp"]))
+    assert_same_adapter(adapter(two), adapter(single_packed))
+    one = tmp_path / "one"
+    run_train(cache_dir, *COMMON, *PACKED, "train.micro_batch_size=8", f"train.output_dir={one}",
+              f"train.resume_from={two / 'checkpoints' / 'step-2'}")
+    assert_same_adapter(adapter(one), adapter(single_packed))
+
+
+def test_packed_rows_train_alike_under_zero2(cache_dir, single_packed, tmp_path):
+    output = tmp_path / "zero2"
+    completed = run_train(cache_dir, *COMMON, *PACKED, "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                          f"train.output_dir={output}", launcher=accelerate(*TWO_PROCESSES["zero2"]))
+    assert '"distributed_type": "DistributedType.DEEPSPEED", "processes": 2' in completed.stdout
+    assert_same_adapter(adapter(output), adapter(single_packed))
+
+
+def test_resuming_an_unpacked_checkpoint_packed_is_refused(cache_dir, single, tmp_path):
+    completed = run_train(cache_dir, *COMMON, *PACKED, "train.micro_batch_size=8", f"train.output_dir={tmp_path}",
+                          f"train.resume_from={single / 'checkpoints' / 'step-2'}", check=False)
+    assert completed.returncode == 2
+    assert "packed_length=None, this run has packed_length=192" in completed.stderr.strip().splitlines()[-1]

@@ -95,22 +95,25 @@ def test_a_job_trains_and_writes_its_adapter(slurm, tmp_path, script):
     assert [p.name.endswith(f"-nola-{job}") for p in (output / "wandb").glob("offline-run-*")] == [True]
 
 
-# engine: (NOLA_ACCELERATE_CONFIG or None for launch.sh's default DDP, max_steps, what the launch's JSON line says)
+# engine: (NOLA_ACCELERATE_CONFIG or None for launch.sh's default DDP, max_steps, what the launch's JSON line says,
+# further recipe overrides)
 REQUEUED = {
-    "ddp": (None, 150, '"processes": 2'),
-    "fsdp2": ("recipes/accelerate/fsdp.yaml", 20, '"distributed_type": "FSDP2", "processes": 2'),
+    "ddp": (None, 150, '"processes": 2', []),
+    "ddp-packed": (None, 120, '"packed_length": 192', ["data.packing=true"]),
+    "fsdp2": ("recipes/accelerate/fsdp.yaml", 20, '"distributed_type": "FSDP2", "processes": 2', []),
 }
 
 
 @pytest.mark.parametrize("engine", list(REQUEUED))
 def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm, tmp_path, engine):
     """Preempted (scontrol requeue) after its step-10 checkpoint, the job restarts and `train.resume_from=auto`
-    continues from its newest checkpoint: DDP on the tiny recipe, FSDP2 (lean sharded load) on a scaled-down 70b."""
-    config, max_steps, launch_line = REQUEUED[engine]
+    continues from its newest checkpoint: DDP on the tiny recipe (padded, and packed: the packed rows of an epoch
+    are rebuilt from its seed), FSDP2 (lean sharded load) on a scaled-down 70b."""
+    config, max_steps, launch_line, overrides = REQUEUED[engine]
     environment = {**slurm, "NOLA_ACCELERATE_CONFIG": config} if config else slurm
     recipe = train_70b() if engine == "fsdp2" else TRAIN
     output, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(environment, "train_1node.sbatch", log, *recipe, f"train.max_steps={max_steps}",
+    job = submit(environment, "train_1node.sbatch", log, *recipe, *overrides, f"train.max_steps={max_steps}",
                  "train.save_steps=5", "train.logging_steps=1", f"train.output_dir={output}")
     wait_until(slurm, job, log, lambda: (output / "checkpoints" / "step-10").is_dir())
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)  # preempted mid-run, as a scheduler would

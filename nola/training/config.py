@@ -18,6 +18,7 @@ from typing import Literal
 import yaml
 
 from nola.adapter_config import AdapterConfig
+from nola.data.templates import resolve_template
 from nola.errors import NolaError
 from nola.modeling import ModelSection
 
@@ -25,13 +26,25 @@ from nola.modeling import ModelSection
 @dataclass
 class DataSection:
     path: str = "embedded:tiny-instructions"
+    format: Literal["alpaca", "messages", "prompt_completion", "text"] = "alpaca"  # nola/data/formats.py
+    template: Literal["alpaca", "llama2", "tokenizer", "none"] | None = None  # null: the format's own default
     tokenizer: str | None = None  # defaults to model.name_or_path
-    source_max_len: int = 384
-    target_max_len: int = 512
+    source_max_len: int = 384  # alpaca template: prompt tokens kept
+    target_max_len: int = 512  # alpaca template: response tokens kept, EOS included
+    max_seq_len: int | None = None  # other templates: tokens per example; packing: per row (null: the sum above)
+    packing: bool = False  # several examples per row, each attending to itself only (nola/data/packing.py)
     train_on_source: bool = False
     validation_size: float = 0.05  # a fraction in (0, 1), or a whole number of records
     split_seed: int | None = None  # seed of the train/validation split; null = train.seed
     group_by_length: bool = True
+
+    def sequence_length(self) -> int:
+        """Tokens per example under a chat template, and per packed row: max_seq_len, or the Alpaca lengths' sum."""
+        return self.max_seq_len or self.source_max_len + self.target_max_len
+
+    def packed_length(self) -> int | None:
+        """The row length when packing, None when not."""
+        return self.sequence_length() if self.packing else None
 
 
 @dataclass
@@ -110,6 +123,7 @@ _RANGES = [
     ("data.target_max_len", lambda v: v > 0, "> 0"),
     ("data.validation_size", lambda v: v >= 0 and (v < 1 or float(v).is_integer()), "a fraction in [0, 1) or a count"),
     ("data.split_seed", lambda v: v is None or v >= 0, ">= 0"),
+    ("data.max_seq_len", lambda v: v is None or v > 0, "> 0"),
     ("train.max_steps", lambda v: v >= 1, ">= 1"),
     ("train.micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("train.grad_accum_steps", lambda v: v >= 1, ">= 1"),
@@ -255,10 +269,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
     return config
 
 
+def check_data_rendering(config: RecipeConfig, template: str, where: str) -> None:
+    """What packing and answer accuracy need of the data's template."""
+    data = config.data
+    if data.packing and template == "alpaca" and data.sequence_length() < data.source_max_len + data.target_max_len:
+        raise NolaError(f"{where}: data.max_seq_len: packed rows of {data.max_seq_len} tokens cannot hold Alpaca "
+                        f"examples of up to source_max_len + target_max_len = "
+                        f"{data.source_max_len + data.target_max_len}")
+    if config.train.answer_accuracy and template != "alpaca":
+        raise NolaError(f"{where}: train.answer_accuracy scores Alpaca answers (it reads the instruction back from "
+                        f"the prompt), not {template} conversations: set it to 0")
+
+
 def validate(config: RecipeConfig, where: str) -> None:
     """Range checks that types alone do not express."""
     try:
         config.adapter_config()  # re-runs AdapterConfig's own checks on the overridden values
+        template = resolve_template(config.data.format, config.data.template)
     except NolaError as error:
         raise NolaError(f"{where}: {error}") from None
     for key, check, requirement in _RANGES:
@@ -266,6 +293,7 @@ def validate(config: RecipeConfig, where: str) -> None:
         value = getattr(getattr(config, section), name)
         if not check(value):
             raise NolaError(f"{where}: {key} must be {requirement}, got {value!r}")
+    check_data_rendering(config, template, where)
     resume = config.train.resume_from
     if resume not in (None, "auto") and not Path(resume).is_dir():
         raise NolaError(f"{where}: train.resume_from: {resume!r} is not 'auto', null or a checkpoint directory")

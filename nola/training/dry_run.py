@@ -113,7 +113,7 @@ def dry_run(config: RecipeConfig) -> dict:
     section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
     model = attach(build_meta_model(section), config.adapter_config())
     report = parameter_report(model)
-    sequence_length = config.data.source_max_len + config.data.target_max_len
+    sequence_length = config.data.sequence_length()
     memory = estimate_memory(model, config.model, report["trainable_params"], config.train.micro_batch_size,
                              sequence_length)
     load_peak = memory["weights_gib"] + memory["load_transient_gib"] + memory["overhead_gib"]

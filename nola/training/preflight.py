@@ -14,7 +14,8 @@ from torch import nn
 
 from nola import embedded
 from nola.adapter_io import check_base_model, read_adapter
-from nola.data import PreparedData, StepBatches, data_fingerprint, load_records, prepare_data
+from nola.data import FINGERPRINT_DEFAULTS, PreparedData, StepBatches, data_fingerprint, load_records, prepare_data
+from nola.data.templates import resolve_template
 from nola.errors import NolaError
 from nola.fused import requested_backend
 from nola.inject import find_target_modules
@@ -60,10 +61,11 @@ def check_resume(resume_dir: Path, config: RecipeConfig, skeleton: nn.Module, fi
                             f"{ours!r}")
     check_base_model(skeleton, adapter)
     for key, value in fingerprint.items():
-        if key in saved_data and saved_data[key] != value:
+        theirs = saved_data.get(key, FINGERPRINT_DEFAULTS.get(key, value))
+        if theirs != value:
             hint = (" (keep micro_batch_size x grad_accum_steps x processes the same: the data order depends on it)"
                     if key == "global_batch" else "")
-            raise NolaError(f"train.resume_from: {resume_dir} was trained with {key}={saved_data[key]}, this run "
+            raise NolaError(f"train.resume_from: {resume_dir} was trained with {key}={theirs}, this run "
                             f"has {key}={value}{hint}")
 
 
@@ -146,6 +148,7 @@ class RunPlan:
     mmlu_examples: list[dict]
     resume_dir: Path | None
     run_lock: object  # the open lock file: held until the process ends
+    template: str  # data.template, resolved: how the records were rendered (recorded with the adapter)
 
 
 def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
@@ -162,24 +165,27 @@ def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
         if Path(check_model_source(config.model.name_or_path)).is_dir():
             checkpoint_shards(Path(config.model.name_or_path))  # safetensors weights only: refuse .bin pickles now
     with accelerator.main_process_first():  # rank 0 builds the embedded default once; the others then reuse it
-        records = load_records(embedded.resolve(config.data.path))
+        records = load_records(embedded.resolve(config.data.path), config.data.format)
         model_section = dataclasses.replace(config.model, name_or_path=embedded.resolve(config.model.name_or_path))
         mmlu_examples = load_mmlu(config.mmlu.path, config.mmlu.shots) if config.mmlu.path else []
     tokenizer = load_tokenizer(model_section, config.data.tokenizer)
     data = prepare_data(records, tokenizer, config.data.source_max_len, config.data.target_max_len,
-                        config.data.validation_size, config.split_seed(), config.data.train_on_source)
+                        config.data.validation_size, config.split_seed(), config.data.train_on_source,
+                        config.data.format, config.data.template, config.data.sequence_length(), config.data.path)
     check_data(config, data, len(records))
     skeleton = check_architecture(config, model_section)
+    template = resolve_template(config.data.format, config.data.template)
     stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
                          config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
-                         tokenizer.pad_token_id)
+                         tokenizer.pad_token_id, config.data.packed_length())
     if resume_dir is not None:
         saved = read_trainer_state(resume_dir)
         # Checkpoints written before the data fingerprint existed record the global batch alone.
-        check_resume(resume_dir, config, skeleton, data_fingerprint(stream, config.split_seed()),
+        check_resume(resume_dir, config, skeleton, data_fingerprint(stream, config.split_seed(), config.data.format,
+                                                                    template, config.data.sequence_length()),
                      saved.get("data", {"global_batch": saved.get("global_batch")}))
     run_lock = lock_output_dir(Path(train.output_dir), accelerator)
     if accelerator.is_main_process:
         remove_unfinished(checkpoints_dir)
     return RunPlan(model_section, tokenizer, data, stream, mmlu_examples[: config.mmlu.max_examples], resume_dir,
-                   run_lock)
+                   run_lock, template)

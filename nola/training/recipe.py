@@ -39,6 +39,7 @@ from nola.inject import (
     parameter_report,
     project_deferred_gradients,
     record_mixed_precision,
+    record_prompt_template,
 )
 from nola.methods import method_for
 from nola.mmlu import mmlu_accuracy
@@ -179,6 +180,7 @@ class FineTuneRecipe:
             model = load_model(self.plan.model_section, self.accelerator.device, mixed_precision)
         svd_report = self._attach_adapter(model)
         record_mixed_precision(model, mixed_precision)
+        record_prompt_template(model, self.plan.template)
         self.report = {**parameter_report(model), **svd_report}
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.parameters, config)
@@ -258,7 +260,9 @@ class FineTuneRecipe:
                           "distributed_type": "FSDP2" if self.sharded else str(accelerator.distributed_type),
                           "processes": accelerator.num_processes, "device": str(accelerator.device),
                           "deferred_projection": self.deferred,
-                          "mixed_precision": self.config.train.mixed_precision}))
+                          "mixed_precision": self.config.train.mixed_precision,
+                          "data_format": self.config.data.format, "template": self.plan.template,
+                          "packed_length": self.plan.stream.packed_length}))
 
     # --- train -----------------------------------------------------------------------------------------------
 
@@ -390,7 +394,8 @@ class FineTuneRecipe:
         training_state = gather_training_state(self.unwrapped, self.optimizer, self.use_deepspeed)
         if self.is_main:
             trainer_state = {**dataclasses.asdict(self.state), "epoch": position[0], "step_in_epoch": position[1],
-                             "data": data_fingerprint(stream, self.config.split_seed()),
+                             "data": data_fingerprint(stream, self.config.split_seed(), self.config.data.format,
+                                                      self.plan.template, self.config.data.sequence_length()),
                              "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
             write_checkpoint(directory, self.unwrapped, training_state, self.scheduler, trainer_state, rng)
             rotate_checkpoints(self.checkpoints_dir, self.config.train.save_total_limit)
