@@ -11,6 +11,7 @@ from pathlib import Path
 from nola.errors import NolaError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+QUIET_AT_IMPORT = ("bitsandbytes.backends.cpu.ops", "kernels")
 
 
 def check_input_source(flag: str, value: str) -> None:
@@ -23,9 +24,11 @@ def check_input_source(flag: str, value: str) -> None:
 
 def run_command(main: Callable[[], int | None]) -> int:
     """Run `main`, turning a NolaError into `error: <message>` on stderr and exit code 2."""
-    # bitsandbytes announces at import, on CPUs with AVX512-BF16, that an optional kernel package is missing: noise
-    # that would stand beside (and obscure) our one-line errors.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes, on CPUs with AVX512-BF16, fetches an optional CPU kernel at import through the `kernels` package
+    # (a dependency of transformers since 5.25) and either one warns when it cannot (missing package, offline hub):
+    # noise that would stand beside (and obscure) our one-line errors.
+    for noisy in QUIET_AT_IMPORT:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return main() or 0
     except NolaError as error:
