@@ -25,10 +25,11 @@ the record's `output` and `family_of` gets the record.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
 from nola.data import RESPONSE_HEADER
 from nola.errors import NolaError
+from nola.inference import greedy_responses
 
 INSTRUCTION_HEADER = "### Instruction:\n"
 INPUT_HEADER = "\n\n### Input:\n"
@@ -45,44 +46,6 @@ def record_from_prompt(prompt: str) -> dict[str, str]:
     body = body[:end] if end >= 0 else body
     instruction, _, context = body.partition(INPUT_HEADER)
     return {"instruction": instruction.strip(), "input": context.strip()}
-
-
-@torch.no_grad()
-def greedy_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16
-                     ) -> list[tuple[str, bool]]:
-    """(text, finished) for each prompt (token ids): greedy decoding in left-padded batches of similar lengths,
-    cut at the first EOS; `finished` is whether EOS came within `max_new_tokens`."""
-    if batch_size < 1 or max_new_tokens < 1:
-        raise NolaError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    results: list[tuple[str, bool] | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    try:
-        for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in chosen)
-            input_ids = torch.full((len(chosen), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(chosen), width), dtype=torch.long)
-            for row, index in enumerate(chosen):
-                ids = prompts[index]
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids):] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad,
-            )
-            for row, index in enumerate(chosen):
-                new = output[row, width:].tolist()
-                finished = eos in new
-                new = new[:new.index(eos)] if finished else new
-                results[index] = (tokenizer.decode(new, skip_special_tokens=True), finished)
-    finally:
-        model.train(was_training)
-    return results  # type: ignore[return-value]
 
 
 def is_exact(generated: str, finished: bool, reference: str) -> bool:
@@ -120,7 +83,8 @@ def score(generated: list[tuple[str, bool]], references: list[str | list[str]], 
 
 def answer_accuracy(model, tokenizer, examples: list[dict], records: list[dict] | None = None,
                     max_new_tokens: int = 32, family_of=None, batch_size: int = 16,
-                    return_samples: bool = False, answers_of=None) -> dict:
+                    return_samples: bool = False, answers_of=None,
+                    interrupt: Callable[[], None] | None = None) -> dict:
     """Greedy exact-match accuracy of `model` on `examples`, overall and per family (see the module docstring).
 
     records: None, or the records the examples were made from, one per example in the same order (the reference
@@ -130,6 +94,7 @@ def answer_accuracy(model, tokenizer, examples: list[dict], records: list[dict] 
     answers_of: None, or record-or-{"instruction", "input", "output"} -> every right response (e.g.
         `nola.embedded.correct_answers`), for tasks with more than one right answer; a response still counts only
         when it is one of them exactly. None: the one reference.
+    interrupt: called before each batch (it raises to stop early: a stop signal is honoured within a batch).
     return_samples: also return "answer_samples": [{"family", "instruction", "input", "reference", "generated",
         "finished", "correct"}] in example order, to see what went wrong.
 
@@ -150,7 +115,8 @@ def answer_accuracy(model, tokenizer, examples: list[dict], records: list[dict] 
     if answers_of is not None:
         accepted = [[reference, *answers_of({**subject, "output": reference})]
                     for reference, subject in zip(references, subjects)]
-    generated = greedy_responses(model, tokenizer, prompts, max_new_tokens, batch_size) if prompts else []
+    generated = (greedy_responses(model, tokenizer, prompts, max_new_tokens, batch_size, interrupt)
+                 if prompts else [])
     families = [family_of(subject) for subject in subjects] if family_of is not None else None
     result = score(generated, accepted, families)
     if return_samples:

@@ -18,6 +18,7 @@ from torch import nn
 from nola import embedded
 from nola.adapter_io import AdapterFile, apply_adapter, read_adapter
 from nola.data import Example, format_prompt
+from nola.errors import NolaError
 from nola.modeling import ModelSection, autocast_forward, check_model_source, load_model, load_tokenizer
 
 # Fixed instructions for the logit checks of merge_and_export: a spread of lengths, with and without an input.
@@ -116,31 +117,61 @@ def generate(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_ne
 
 
 @torch.no_grad()
+def greedy_responses(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                     batch_size: int = 16, interrupt: Callable[[], None] | None = None) -> list[tuple[str, bool]]:
+    """(text, finished) for each prompt (token ids): greedy decoding in left-padded batches of similar lengths,
+    cut at the first EOS; `finished` is whether EOS came within `max_new_tokens`. The one greedy decoder of
+    training's answer accuracy and samples. `interrupt` runs before each batch (it raises to stop early); the model
+    goes back to the train/eval mode it was in, however this ends."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise NolaError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[tuple[str, bool] | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            if interrupt is not None:
+                interrupt()
+            chosen = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in chosen)
+            input_ids = torch.full((len(chosen), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(chosen), width), dtype=torch.long)
+            for row, index in enumerate(chosen):
+                ids = prompts[index]
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, width - len(ids):] = 1
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad,
+            )
+            for row, index in enumerate(chosen):
+                new = output[row, width:].tolist()
+                finished = eos in new
+                new = new[:new.index(eos)] if finished else new
+                results[index] = (tokenizer.decode(new, skip_special_tokens=True), finished)
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
 def sample_generations(model: nn.Module, tokenizer, examples: list[Example], count: int, max_new_tokens: int,
                        interrupt: Callable[[], None] | None = None) -> list[dict[str, str]]:
     """Greedy completions of the first `count` tokenized examples' prompts, beside their reference responses: what
     a run prints before and after training. Examples with no prompt (plain text records) have nothing to prompt
-    with and are passed over; a conversation's reference is its first answer (`reference_end`). `interrupt` runs
-    before each prompt (it raises to stop early)."""
-    model.eval()
-    samples = []
-    for example in [e for e in examples if e["prompt_length"] > 0][:count]:
-        if interrupt is not None:
-            interrupt()
-        prompt_length = example["prompt_length"]
-        prompt = torch.tensor([example["input_ids"][:prompt_length]], device=model.device)
-        output = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        samples.append({
-            "prompt": tokenizer.decode(prompt[0], skip_special_tokens=True)[-120:],
-            "reference": tokenizer.decode(example["input_ids"][prompt_length:example.get("reference_end")],
-                                          skip_special_tokens=True),
-            "generated": tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
-        })
-    model.train()
-    return samples
+    with and are passed over; a conversation's reference is its first answer (`reference_end`). One prompt a batch:
+    no padding, so a sample reads as the model answers that prompt alone. `interrupt` runs before each prompt."""
+    chosen = [e for e in examples if e["prompt_length"] > 0][:count]
+    prompts = [list(e["input_ids"][:e["prompt_length"]]) for e in chosen]
+    generated = greedy_responses(model, tokenizer, prompts, max_new_tokens, batch_size=1, interrupt=interrupt)
+    return [{"prompt": tokenizer.decode(prompt, skip_special_tokens=True)[-120:],
+             "reference": tokenizer.decode(example["input_ids"][example["prompt_length"]:example.get("reference_end")],
+                                           skip_special_tokens=True),
+             "generated": text}
+            for example, prompt, (text, _) in zip(chosen, prompts, generated)]
 
 
 def print_samples(title: str, samples: list[dict[str, str]]) -> None:

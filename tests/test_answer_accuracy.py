@@ -12,15 +12,10 @@ import torch
 from torch import nn
 
 from nola import embedded
-from nola.answer_accuracy import (
-    answer_accuracy,
-    format_answer_accuracy,
-    greedy_responses,
-    record_from_prompt,
-    score,
-)
+from nola.answer_accuracy import answer_accuracy, format_answer_accuracy, record_from_prompt, score
 from nola.data import format_prompt
 from nola.errors import NolaError
+from nola.inference import greedy_responses, sample_generations
 
 from tests.conftest import tiny_llama
 
@@ -180,6 +175,43 @@ def test_batched_left_padded_greedy_matches_one_prompt_at_a_time():
     assert batched == single
     assert all("5" not in text.split() for text, _ in batched)  # cut at EOS
     assert any(finished for _, finished in batched) and not all(finished for _, finished in batched)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_interrupted_greedy_pass_stops_between_batches_and_leaves_the_model_in_its_mode(training):
+    """The one greedy decoder (answers and samples) calls `interrupt` before each batch; when it raises, no later
+    batch is decoded and the model is back in the train/eval mode it was in."""
+    model = tiny_llama(vocab_size=64).train(training)
+    model.generation_config.eos_token_id = None
+
+    class Ids:
+        eos_token_id, pad_token_id = 5, 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        greedy_responses(model, Ids(), [[1, 7, 8], [1, 9], [1, 10, 11, 12]], 3, batch_size=2, interrupt=interrupt)
+    assert len(calls) == 2 and model.training is training
+    calls.clear()
+    examples = [{"input_ids": [1, 7, 8, 20, 21], "prompt_length": 3}, {"input_ids": [1, 9, 30], "prompt_length": 2}]
+    with pytest.raises(Interrupted):
+        sample_generations(model, Ids(), examples, 2, 3, interrupt)
+    assert len(calls) == 2 and model.training is training
+    samples = sample_generations(model, Ids(), examples, 2, 3)
+    assert [s["reference"] for s in samples] == ["20 21", "30"] and model.training is training
+    assert [len(s["generated"].split()) for s in samples] == [3, 3]
 
 
 def test_task_family_covers_every_family_the_embedded_set_produces():

@@ -78,7 +78,9 @@ def test_the_non_finite_count_runs_until_an_update_and_ignores_loss_scaler_overf
     state = LoopState()
     for skipped, overflow in [(True, False), (True, False), (True, True), (False, False), (True, False)]:
         state.count_update(skipped, scaler_overflow=overflow)
-    assert (state.step, state.nonfinite_steps, state.nonfinite_in_a_row) == (5, 4, 1)
+    assert (state.step, state.nonfinite_steps, state.nonfinite_in_a_row, state.overflows_in_a_row) == (5, 4, 1, 0)
+    state.count_update(True, scaler_overflow=True)
+    assert (state.nonfinite_in_a_row, state.overflows_in_a_row) == (1, 1)
 
 
 def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
@@ -174,3 +176,117 @@ def test_split_seed_holds_the_held_out_records_fixed_across_run_seeds(tmp_path):
     resumed = recipe(tmp_path / "resumed", "train.max_steps=2", "data.split_seed=1", "train.resume_from=auto")
     with pytest.raises(NolaError, match="was trained with split_seed=0, this run has split_seed=1"):
         plan_run(resumed.config, resumed.accelerator)
+
+
+def test_a_resume_reports_the_before_training_figures_its_fresh_start_measured(tmp_path, monkeypatch):
+    """Answers and samples 'before training' are measured once, before step 1, and kept with the run: a resume (a
+    SLURM requeue resumes many times) reports the stored ones instead of measuring its checkpoint again."""
+    import nola.training.recipe as recipe_module
+
+    passes, measure = [], recipe_module.answer_accuracy
+    monkeypatch.setattr(recipe_module, "answer_accuracy", lambda *a, **k: passes.append(1) or measure(*a, **k))
+    evaluations = ["train.answer_accuracy=4", "train.sample_generations=1", "train.max_new_tokens=4"]
+    fresh = recipe(tmp_path / "fresh", "train.max_steps=2", *evaluations).run()
+    assert len(passes) == 2  # before and after
+    stored = trainer_state(tmp_path / "fresh", 1)
+    assert stored["answers_before"]["answer_examples"] == 4 and len(stored["samples_before"]) == 1
+
+    passes.clear()
+    resumed = recipe(tmp_path / "resumed", "train.max_steps=2", *evaluations,
+                     f"train.resume_from={tmp_path / 'fresh' / 'checkpoints' / 'step-1'}")
+    summary = resumed.run()
+    assert len(passes) == 1  # after training only
+    assert summary["answer_accuracy_before"] == fresh["answer_accuracy_before"]
+    assert resumed.state.samples_before == stored["samples_before"]
+    assert trainer_state(tmp_path / "resumed", 2)["answers_before"] == stored["answers_before"]
+
+
+def test_the_answer_pass_honours_a_stop_signal_between_its_batches(tmp_path, monkeypatch):
+    """A SIGTERM during the answer-accuracy pass after the last step stops it at the next batch, with the last
+    step checkpointed and no final adapter: the resumed run redoes the pass, and only it."""
+    from transformers.generation.utils import GenerationMixin
+
+    calls, generate = [], GenerationMixin.generate
+
+    def generate_then_sigterm(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the answer pass after training (two batches of 16 and 4 before it)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate_then_sigterm)
+    output = tmp_path / "run"
+    evaluations = ["data.validation_size=20", "train.answer_accuracy=20", "train.max_new_tokens=2",
+                   "train.max_steps=1"]
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 1"):
+        recipe(output, *evaluations).run()
+    assert len(calls) == 3, "the answer pass ran past the stop request"
+    assert (output / "checkpoints" / "step-1").is_dir() and not (output / "adapter").exists()
+    summary = recipe(output, *evaluations, "train.resume_from=auto").run()
+    assert len(calls) == 5 and summary["answer_examples"] == 20
+
+
+def test_persistent_fp16_overflows_stop_the_run_with_the_last_good_state(tmp_path, monkeypatch):
+    """fp16 loss scaling skips a step whose gradient overflows and halves the scale; overflowing step after step
+    (the scale already tiny) is no longer calibration, and the run stops with one line instead of skipping on."""
+    import nola.training.recipe as recipe_module
+
+    class HalvingScaler:  # the part of torch's GradScaler the loop uses, on a CPU
+        scale = 2.0**16
+
+        def update(self) -> None:
+            self.scale /= 2
+
+        def get_scale(self) -> float:
+            return self.scale
+
+        def state_dict(self) -> dict:
+            return {"scale": self.scale}
+
+    monkeypatch.setattr(recipe_module, "MAX_SCALER_OVERFLOWS_IN_A_ROW", 3)
+    run = recipe(tmp_path, "train.max_steps=10", "train.save_steps=100")
+    try:
+        run.setup()
+        run.scaler = HalvingScaler()
+        monkeypatch.setattr(run.accelerator, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+        with pytest.raises(NolaError, match=r"^train: 3 steps in a row \(to step 3\) overflowed in fp16 and were "
+                                            r"skipped, the loss scale now 8.19e\+03; stopped with the last good "
+                                            r"state in .*step-3: use train.mixed_precision=bf16"):
+            run.train()
+    finally:
+        run.release()
+    assert trainer_state(tmp_path, 3)["overflows_in_a_row"] == 3 and trainer_state(tmp_path, 3)["nonfinite_in_a_row"] == 0
+    assert not (tmp_path / "checkpoints" / "step-4").exists()
+
+
+def test_evaluation_and_checkpoint_time_is_left_out_of_the_throughput_windows(tmp_path, monkeypatch):
+    """An eval after every step, each made 2 s slower: the windows' seconds per step stay those of training."""
+    import time
+
+    import nola.training.recipe as recipe_module
+
+    evaluate = recipe_module.evaluate
+    monkeypatch.setattr(recipe_module, "evaluate", lambda *a, **k: time.sleep(2) or evaluate(*a, **k))
+    recipe(tmp_path, "train.max_steps=4", "train.logging_steps=2", "train.eval_steps=1").run()
+    windows = [r["seconds_per_step"] for r in metrics(tmp_path) if "loss" in r]
+    assert len(windows) == 2 and max(windows) < 1.5, windows  # 3+ s a step if the evals counted
+
+
+def test_the_recipe_declares_every_attribute_where_the_object_is_made():
+    """Reading __init__ tells what a FineTuneRecipe holds: no phase adds an attribute of its own."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(FineTuneRecipe))
+    methods = {node.name: node for node in tree.body[0].body if isinstance(node, ast.FunctionDef)}
+
+    def assigned(function: ast.FunctionDef) -> set[str]:
+        return {target.attr for node in ast.walk(function) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                for target in (target.elts if isinstance(target, ast.Tuple) else [target])
+                if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                and target.value.id == "self"}
+
+    declared = assigned(methods["__init__"])
+    later = {name: assigned(method) - declared for name, method in methods.items() if name != "__init__"}
+    assert not any(later.values()), later

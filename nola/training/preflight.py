@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from nola import embedded
-from nola.adapter_io import check_base_model, read_adapter
+from nola.adapter_io import AdapterFile, check_base_model, read_adapter
 from nola.data import FINGERPRINT_DEFAULTS, PreparedData, StepBatches, data_fingerprint, load_records, prepare_data
 from nola.data.templates import resolve_template
 from nola.errors import NolaError
@@ -49,8 +49,9 @@ def check_architecture(config: RecipeConfig, model_section: ModelSection) -> nn.
 
 
 def check_resume(resume_dir: Path, config: RecipeConfig, skeleton: nn.Module, fingerprint: dict,
-                 saved_data: dict) -> None:
-    """Refuse a checkpoint this recipe cannot continue exactly: another adapter, base or data order."""
+                 saved_data: dict) -> AdapterFile:
+    """Refuse a checkpoint this recipe cannot continue exactly: another adapter, base or data order. Returns the
+    checkpoint's adapter file, read once here for the run (an SVD start rebuilds its residual base from it)."""
     adapter = read_adapter(resume_dir / "adapter")
     mine = config.adapter_config()
     for key in _RESUME_ADAPTER_KEYS:
@@ -67,6 +68,7 @@ def check_resume(resume_dir: Path, config: RecipeConfig, skeleton: nn.Module, fi
                     if key == "global_batch" else "")
             raise NolaError(f"train.resume_from: {resume_dir} was trained with {key}={theirs}, this run "
                             f"has {key}={value}{hint}")
+    return adapter
 
 
 def lock_output_dir(output_dir: Path, accelerator):
@@ -147,6 +149,7 @@ class RunPlan:
     stream: StepBatches  # this rank's micro-batches, at the start of the data order
     mmlu_examples: list[dict]
     resume_dir: Path | None
+    resume_adapter: AdapterFile | None  # the resume checkpoint's adapter file, as check_resume read it
     run_lock: object  # the open lock file: held until the process ends
     template: str  # data.template, resolved: how the records were rendered (recorded with the adapter)
 
@@ -178,14 +181,16 @@ def plan_run(config: RecipeConfig, accelerator) -> RunPlan:
     stream = StepBatches(data.train, train.micro_batch_size, train.grad_accum_steps, train.seed,
                          config.data.group_by_length, accelerator.num_processes, accelerator.process_index,
                          tokenizer.pad_token_id, config.data.packed_length())
+    resume_adapter = None
     if resume_dir is not None:
         saved = read_trainer_state(resume_dir)
+        fingerprint = data_fingerprint(stream, config.split_seed(), config.data.format, template,
+                                       config.data.sequence_length())
         # Checkpoints written before the data fingerprint existed record the global batch alone.
-        check_resume(resume_dir, config, skeleton, data_fingerprint(stream, config.split_seed(), config.data.format,
-                                                                    template, config.data.sequence_length()),
-                     saved.get("data", {"global_batch": saved.get("global_batch")}))
+        resume_adapter = check_resume(resume_dir, config, skeleton, fingerprint,
+                                      saved.get("data", {"global_batch": saved.get("global_batch")}))
     run_lock = lock_output_dir(Path(train.output_dir), accelerator)
     if accelerator.is_main_process:
         remove_unfinished(checkpoints_dir)
     return RunPlan(model_section, tokenizer, data, stream, mmlu_examples[: config.mmlu.max_examples], resume_dir,
-                   run_lock, template)
+                   resume_adapter, run_lock, template)

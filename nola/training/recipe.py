@@ -20,13 +20,13 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from nola import embedded
-from nola.adapter_io import read_adapter, residual_factors, save_adapter
+from nola.adapter_io import residual_factors, save_adapter
 from nola.answer_accuracy import answer_accuracy, format_answer_accuracy
 from nola.data import collate, data_fingerprint
 from nola.errors import NolaError
@@ -66,6 +66,12 @@ from nola.training.run_log import LogWindow, RunLog, peak_memory_mb
 from nola.training.stop_signals import Preempted, StopSignals
 
 
+# torch's GradScaler starts at 2**16 and halves on each overflow: 40 overflows in a row take it to 2**-24, the
+# smallest fp16 magnitude, and a gradient that overflows even then will not fit at any scale. Past that the scaler is
+# no longer calibrating: the run is diverging, and skipping for ever would burn the allocation doing nothing.
+MAX_SCALER_OVERFLOWS_IN_A_ROW = 40
+
+
 class StopRequested(Exception):
     """A stop signal that every rank agreed on during eval, MMLU or sample generation (between two batches)."""
 
@@ -80,25 +86,35 @@ class LoopState:
     eval_loss: float | None = None
     nonfinite_steps: int = 0  # skipped steps, all of them
     nonfinite_in_a_row: int = 0  # skipped steps since the last update: too many and the run stops
+    overflows_in_a_row: int = 0  # fp16 loss-scaler overflows since the last update (MAX_SCALER_OVERFLOWS_IN_A_ROW)
+    # Measured once, at a fresh start, before the first step: a resume reports these, not its own checkpoint's.
+    samples_before: list[dict[str, str]] = field(default_factory=list)
+    answers_before: dict = field(default_factory=dict)
 
     @classmethod
     def restored(cls, trainer_state: dict) -> LoopState:
-        """From a checkpoint's trainer_state.json (older ones lack the non-finite counters and the first eval)."""
+        """From a checkpoint's trainer_state.json (older ones lack the skip counters, the first eval and what was
+        measured before training)."""
         return cls(step=trainer_state["step"], tokens_seen=trainer_state["tokens_seen"],
                    first_eval_loss=trainer_state.get("first_eval_loss"), eval_loss=trainer_state["eval_loss"],
                    nonfinite_steps=trainer_state.get("nonfinite_steps", 0),
-                   nonfinite_in_a_row=trainer_state.get("nonfinite_in_a_row", 0))
+                   nonfinite_in_a_row=trainer_state.get("nonfinite_in_a_row", 0),
+                   overflows_in_a_row=trainer_state.get("overflows_in_a_row", 0),
+                   samples_before=trainer_state.get("samples_before", []),
+                   answers_before=trainer_state.get("answers_before", {}))
 
     def count_update(self, skipped: bool, scaler_overflow: bool) -> None:
         """Count one optimizer step, updated or skipped. An fp16 gradient overflow with a finite loss
-        (`scaler_overflow`) is the loss scaler calibrating, not a divergence: counted, but not towards the run of
-        non-finite steps that stops training."""
+        (`scaler_overflow`) is the loss scaler calibrating, not a divergence: counted apart from the non-finite
+        losses, with its own, longer limit."""
         self.step += 1
         if not skipped:
-            self.nonfinite_in_a_row = 0
+            self.nonfinite_in_a_row = self.overflows_in_a_row = 0
             return
         self.nonfinite_steps += 1
-        if not scaler_overflow:
+        if scaler_overflow:
+            self.overflows_in_a_row += 1
+        else:
             self.nonfinite_in_a_row += 1
 
 
@@ -137,7 +153,17 @@ class FineTuneRecipe:
         self.stop: StopSignals | None = None
         self.progress_bar = None
         self.window: LogWindow | None = None
-        self.before: tuple[list[dict[str, str]], dict] = ([], {})  # samples and answers before training
+        # Set by _build_model: the engine-wrapped model and the model itself, the trained parameters, the optimizer,
+        # its schedule and fp16 loss scaler, what was attached, and how the engine runs.
+        self.model: torch.nn.Module | None = None
+        self.unwrapped: torch.nn.Module | None = None
+        self.parameters: list[torch.nn.Parameter] = []
+        self.optimizer = None
+        self.scheduler = None
+        self.scaler = None  # fp16 loss scaling (CUDA, without DeepSpeed)
+        self.report: dict[str, float] = {}  # parameter counts (and the SVD start's figures) for the run summary
+        self.use_deepspeed = False
+        self.deferred = False  # coefficient gradients projected after the last micro-batch (use_deferred_projection)
 
     def run(self) -> dict:
         """setup, train, finish; returns the run summary (also written to output_dir/run.json on rank 0)."""
@@ -164,11 +190,11 @@ class FineTuneRecipe:
         self.log.summary(self.report)
         self._print_run_facts()
         self.stop = StopSignals()
-        if self.state.step == 0:
+        if self.state.step == 0:  # a resume keeps what its fresh start measured (LoopState)
             self.state.first_eval_loss = self.state.eval_loss = self.evaluate()
             at_start = self.mmlu() if self.plan.mmlu_examples and self.config.mmlu.at_start else {}
             self.log.log(0, {"eval_loss": self.state.first_eval_loss, **at_start})
-        self.before = (self.samples(), self.answers())
+            self.state.samples_before, self.state.answers_before = self.samples(), self.answers()
 
     def _build_model(self) -> None:
         """The base with the adapter attached, its optimizer and schedule, wrapped by the engine."""
@@ -195,7 +221,7 @@ class FineTuneRecipe:
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         check_trainable_dtypes(self.unwrapped)
         self.deferred = use_deferred_projection(config, self.unwrapped, self.use_deepspeed, self.is_main)
-        self.scaler = getattr(self.accelerator, "scaler", None)  # fp16 loss scaling (CUDA, without DeepSpeed)
+        self.scaler = getattr(self.accelerator, "scaler", None)
 
     def _attach_adapter(self, model: torch.nn.Module) -> dict[str, float]:
         """Attach the recipe's adapter. An SVD start (`adapter.init: svd`) replaces each base weight by its residual:
@@ -213,8 +239,7 @@ class FineTuneRecipe:
         base_logits, base_loss = self._probe(model, batch)
         resumed = self.plan.resume_dir is not None
         started = time.perf_counter()
-        attach(model, adapter, residuals=residual_factors(read_adapter(self.plan.resume_dir / "adapter"))
-               if resumed else None)
+        attach(model, adapter, residuals=residual_factors(self.plan.resume_adapter) if resumed else None)
         seconds = time.perf_counter() - started
         logits, loss = self._probe(model, batch)
         report = {"svd_init_seconds": round(seconds, 3),
@@ -359,11 +384,15 @@ class FineTuneRecipe:
         self.window.add(result.tokens)
         self.log.log(step, {"nonfinite_step": 1, "nonfinite_steps": self.state.nonfinite_steps})
         if self.state.nonfinite_in_a_row >= train.max_nonfinite_steps:
-            directory = self.checkpoint()
             raise NolaError(f"train: {self.state.nonfinite_in_a_row} steps in a row (to step {step}) had a "
                             f"non-finite loss or gradient and were skipped; stopped with the last good state in "
-                            f"{directory}: lower train.lr or check the data "
+                            f"{self.checkpoint()}: lower train.lr or check the data "
                             f"(train.max_nonfinite_steps={train.max_nonfinite_steps})")
+        if self.state.overflows_in_a_row >= MAX_SCALER_OVERFLOWS_IN_A_ROW:
+            raise NolaError(f"train: {self.state.overflows_in_a_row} steps in a row (to step {step}) overflowed in "
+                            f"fp16 and were skipped, the loss scale now {self.scaler.get_scale():.3g}; stopped with "
+                            f"the last good state in {self.checkpoint()}: use train.mixed_precision=bf16 or lower "
+                            f"train.lr")
 
     def periodic(self, grad_norm: float) -> None:
         """The log line, eval and checkpoint that are due after this step (`due_actions`)."""
@@ -375,11 +404,12 @@ class FineTuneRecipe:
                                 "tokens_per_s": rates["tokens_per_s"], "seconds_per_step": rates["seconds_per_step"],
                                 "peak_memory_mb": peak_memory_mb(self.accelerator.device)})
             self.window = LogWindow(step)
-        if "eval" in due:
-            self.state.eval_loss = self.evaluate()
-            self.log.log(step, {"eval_loss": self.state.eval_loss})
-        if "save" in due:
-            self.checkpoint()
+        with self.window.paused():  # eval and checkpoint time is not training throughput
+            if "eval" in due:
+                self.state.eval_loss = self.evaluate()
+                self.log.log(step, {"eval_loss": self.state.eval_loss})
+            if "save" in due:
+                self.checkpoint()
 
     # --- checkpoint ------------------------------------------------------------------------------------------
 
@@ -417,7 +447,7 @@ class FineTuneRecipe:
         samples_after, answers_after = self.samples(), self.answers()
         if answers_after:
             summary.update(answers_after)
-            summary["answer_accuracy_before"] = self.before[1].get("answer_accuracy")
+            summary["answer_accuracy_before"] = state.answers_before.get("answer_accuracy")
         self.release()  # what is left is writing: a signal now takes its default action again
         final_values = gather_training_state(self.unwrapped, self.optimizer, self.use_deepspeed).values  # collective
         if self.is_main:
@@ -430,7 +460,7 @@ class FineTuneRecipe:
         return summary
 
     def _print_before_and_after(self, samples_after: list[dict[str, str]], answers_after: dict) -> None:
-        samples_before, answers_before = self.before
+        samples_before, answers_before = self.state.samples_before, self.state.answers_before
         if samples_after:
             print_samples("before training", samples_before)
             print_samples("after training", samples_after)
@@ -449,7 +479,7 @@ class FineTuneRecipe:
     # --- evaluations, on every rank (under ZeRO-3 a forward is a collective) ------------------------------------
 
     def interrupt(self) -> None:
-        """Called between the batches of eval, MMLU and sampling: a stop request is honoured there too, within
+        """Called between the batches of eval, MMLU, answer accuracy and sampling: a stop request is honoured there too, within
         seconds, not after the whole evaluation (a scheduler's grace period is short)."""
         if armed("signal-in-eval", self.state.step):
             os.kill(os.getpid(), signal.SIGTERM)
@@ -478,7 +508,8 @@ class FineTuneRecipe:
         embedded_data = self.config.data.path.startswith(embedded.PREFIX)
         return answer_accuracy(self.unwrapped, self.plan.tokenizer, validation[: train.answer_accuracy], None,
                                train.max_new_tokens, family_of=embedded.task_family if embedded_data else None,
-                               answers_of=embedded.correct_answers if embedded_data else None)
+                               answers_of=embedded.correct_answers if embedded_data else None,
+                               interrupt=self.interrupt)
 
     def samples(self) -> list[dict[str, str]]:
         train, validation = self.config.train, self.plan.data.validation

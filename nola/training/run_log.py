@@ -12,6 +12,8 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,7 @@ class LogWindow:
     weighted_loss: float = 0.0  # Σ step loss x its response tokens, over the steps that updated
     loss_tokens: int = 0
     tokens: int = 0  # attended tokens of every step, skipped ones included (they cost the same time)
+    paused_seconds: float = 0.0  # eval and checkpoint time inside the window: not training, not counted
 
     def add(self, tokens: int, loss: float | None = None, loss_tokens: int = 0) -> None:
         self.tokens += tokens
@@ -96,9 +99,19 @@ class LogWindow:
             self.weighted_loss += loss * loss_tokens
             self.loss_tokens += loss_tokens
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent in the block out of the window's throughput: an eval or a checkpoint write between
+        two steps would otherwise read as slow training in the window it falls in."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - started
+
     def rates(self, step: int) -> dict[str, float]:
-        """Mean loss, tokens per second and seconds per step from `first_step` to `step`."""
-        elapsed = time.perf_counter() - self.start
+        """Mean loss, tokens per second and seconds per step from `first_step` to `step`, pauses left out."""
+        elapsed = time.perf_counter() - self.start - self.paused_seconds
         return {"loss": self.weighted_loss / self.loss_tokens if self.loss_tokens else float("nan"),
                 "tokens_per_s": self.tokens / elapsed, "seconds_per_step": elapsed / (step - self.first_step)}
 
