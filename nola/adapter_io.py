@@ -232,6 +232,7 @@ def write_adapter(path: str | os.PathLike, config: AdapterConfig, state: dict[st
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "generator_version": GENERATOR_VERSION,
+            **({"frozen_draw": frozen_draw} if (frozen_draw := method_for(config.method).frozen_draw) else {}),
             "adapter": config.to_dict(),
             "base_model": base,
             "weights_sha256": file_sha256(directory / WEIGHTS_FILE),
@@ -289,6 +290,16 @@ def read_adapter_description(path: str | os.PathLike) -> dict:
     return description
 
 
+def check_frozen_draw(description: dict, config: AdapterConfig, config_path: Path) -> None:
+    """Refuse a file whose method's frozen random tensors were drawn another way than this nola draws them (VeRA's
+    projections before they matched PEFT's): its trained vectors only mean something beside those tensors."""
+    wanted, recorded = method_for(config.method).frozen_draw, description.get("frozen_draw")
+    if wanted != recorded:
+        raise NolaError(f"{config_path}: its frozen {config.method} tensors were drawn as "
+                        f"{recorded or 'an earlier nola drew them'}, this nola draws them as {wanted}; they cannot "
+                        f"be rebuilt: train the adapter again")
+
+
 def read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
@@ -316,6 +327,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     weights_path = directory / WEIGHTS_FILE
     description = read_adapter_description(directory)
     config = AdapterConfig.from_dict(description["adapter"], where=str(directory / CONFIG_FILE))
+    check_frozen_draw(description, config, directory / CONFIG_FILE)
     modules = description["base_model"]["modules"]
     state = read_weights(weights_path)
     version = description["format_version"]

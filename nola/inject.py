@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -58,6 +58,13 @@ def find_target_modules(model: nn.Module, target_modules: str | list[str]) -> li
     return chosen
 
 
+def largest_shape(shapes: Iterable[Sequence[int]]) -> tuple[int, int]:
+    """(out, in), each the largest over `shapes` ((out, in) pairs): the one shape VeRA sizes the projections all
+    layers share for, as PEFT's VeRA does (`VeraModel._find_dim`)."""
+    outs, ins = zip(*shapes)
+    return max(outs), max(ins)
+
+
 def attach(model: nn.Module, config: AdapterConfig,
            residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """Adapt `model` in place: wrap every target Linear, freeze everything but the adapter, return the model.
@@ -76,12 +83,14 @@ def attach(model: nn.Module, config: AdapterConfig,
     setattr(model, _BASE_ATTRIBUTE, describe_base(model))  # now: under ZeRO-3 the weights are partitioned later
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    targets = [model.get_submodule(name) for name in names]
+    largest = largest_shape((target.out_features, target.in_features) for target in targets)
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
         factors = method.initial_factors(name, base, config, seeds[name], residuals)
-        setattr(parent, child_name, AdaptedLinear(base, config, seeds[name], factors))
+        setattr(parent, child_name, AdaptedLinear(base, config, seeds[name], factors, largest))
     setattr(model, _CONFIG_ATTRIBUTE, dataclasses.replace(config, module_seeds=seeds))
     return model
 

@@ -38,8 +38,11 @@ class AdaptedLinear(nn.Module):
     """A frozen base Linear plus a low-rank update; `base_layer` keeps the original module untouched."""
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, seed: int,
-                 factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """`factors`: what the method's `initial_factors` subtracted from `base_layer` (an `init: svd` LoRA)."""
+                 factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 largest_shape: tuple[int, int] | None = None) -> None:
+        """`factors`: what the method's `initial_factors` subtracted from `base_layer` (an `init: svd` LoRA).
+        `largest_shape`: (out, in), each the largest over all the layers the adapter adapts, for state they share
+        (VeRA's one pair of projections is sized for it); a layer on its own is its own largest."""
         super().__init__()
         self.base_layer = base_layer
         self.method = method_for(config.method)
@@ -50,6 +53,7 @@ class AdaptedLinear(nn.Module):
         self.chunk_bytes = config.basis_chunk_bytes
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
+        self.largest_shape = largest_shape or (self.out_features, self.in_features)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.residual: tuple[torch.Tensor, torch.Tensor] | None = None  # (A0, B0) of a start that changed the base
         self.materialized: MaterializedMatrices | None = None  # a method with a basis cache (NOLA) sets it

@@ -36,28 +36,37 @@ def initial_a(seed: int, rank: int, in_features: int, dtype: torch.dtype, device
     return unit.to(dtype) * (1.0 / math.sqrt(in_features))
 
 
+def vera_bound(fan_in: int) -> float:
+    """√3·√2/√fan_in = √6/√fan_in: the bound of PEFT's `_kaiming_init` (kaiming-uniform with the ReLU gain √2, not
+    LoRA's a = √5), which draws VeRA's projections. Written in PEFT's order of operations so the float is the same."""
+    return math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(fan_in))
+
+
 @functools.lru_cache(maxsize=64)
-def vera_projection(seed: int, stream: int, rank: int, features: int, dtype: torch.dtype, device: torch.device
-                    ) -> torch.Tensor:
-    """One of VeRA's frozen random projections, r × features, uniform in ±1/√fan_in (kaiming-uniform, as VeRA):
-    A (stream STREAM_VERA_A, r × in, fan_in = in) or Bᵀ (STREAM_VERA_B, r × out, fan_in of B = r).
+def vera_projection(seed: int, stream: int, rank: int, features: int, fan_in: int, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """The first `features` columns of one of VeRA's shared frozen projections (r × its full width), uniform in
+    ±`vera_bound(fan_in)`, `fan_in` being the full shared matrix's: A (stream STREAM_VERA_A), or Bᵀ (STREAM_VERA_B).
 
-    Why cached and keyed by the run seed, not a module's: VeRA shares one frozen pair across all layers. Row i of
-    the seeded basis is a prefix-stable vector, so every layer's A (Bᵀ) is the first `features` columns of the
-    widest one, as VeRA slices its shared matrices; one tensor per distinct width serves all layers of that width,
-    made outside inference mode so that training may save it for backward."""
-    bound = 1.0 / math.sqrt(features if stream == STREAM_VERA_A else rank)
+    Why the full matrix's fan_in and a slice: VeRA (PEFT) draws one pair for the largest layer and every layer
+    computes with its top-left slice, so all layers share one bound. Row i of the seeded basis is a prefix-stable
+    vector, so the first columns of row i are that slice whatever the full width. Cached and keyed by the run seed,
+    not a module's: one tensor per distinct width serves all layers of that width, made outside inference mode so
+    that training may save it for backward."""
     with torch.inference_mode(False), torch.no_grad():
-        return generate_basis(seed, stream, 0, rank, features, device).to(dtype) * bound
+        return generate_basis(seed, stream, 0, rank, features, device).to(dtype) * vera_bound(fan_in)
 
 
-def vera_matrices(lambda_d: torch.Tensor, lambda_b: torch.Tensor, seed: int, in_features: int, out_features: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def vera_matrices(lambda_d: torch.Tensor, lambda_b: torch.Tensor, seed: int, in_features: int, out_features: int,
+                  shared_in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """VeRA's update as a LoRA pair: ΔW = Λ_b·B·Λ_d·A = (Λ_b·B)·(Λ_d·A), so A' = d ⊙ rows of A (r × in) and
-    B' = b ⊙ rows of B (out × r); differentiable in the scaling vectors d (r) and b (out), which alone train."""
+    B' = b ⊙ rows of B (out × r); differentiable in the scaling vectors d (r) and b (out), which alone train.
+
+    A and B are the top-left slices of the shared pair, A_s (r × `shared_in_features`, the widest adapted layer's
+    in) and B_s (widest out × r), whose fan_in are `shared_in_features` and r, as PEFT's `_kaiming_init` sees them."""
     rank = lambda_d.numel()
-    a = vera_projection(seed, STREAM_VERA_A, rank, in_features, lambda_d.dtype, lambda_d.device)
-    b_t = vera_projection(seed, STREAM_VERA_B, rank, out_features, lambda_d.dtype, lambda_d.device)
+    a = vera_projection(seed, STREAM_VERA_A, rank, in_features, shared_in_features, lambda_d.dtype, lambda_d.device)
+    b_t = vera_projection(seed, STREAM_VERA_B, rank, out_features, rank, lambda_d.dtype, lambda_d.device)
     return lambda_d[:, None] * a, lambda_b[:, None] * b_t.t()
 
 

@@ -30,7 +30,7 @@ from nola.adapter_io import (
     write_directory_atomically,
 )
 from nola.errors import NolaError
-from nola.inject import EMBEDDING_SAMPLE_COLUMNS, embedding_sample_rows
+from nola.inject import EMBEDDING_SAMPLE_COLUMNS, embedding_sample_rows, largest_shape
 from nola.methods import method_for
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -136,7 +136,8 @@ def trained_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torc
     config = adapter.config
     out_features, in_features = adapter.modules[name]
     return method_for(config.method).matrices_from_values(config, adapter.module_values(name),
-                                                          config.module_seeds.get(name), out_features, in_features)
+                                                          config.module_seeds.get(name), out_features, in_features,
+                                                          largest_shape(adapter.modules.values()))
 
 
 def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:

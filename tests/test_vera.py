@@ -1,7 +1,8 @@
 """VeRA (adapter.method: vera), the extreme-compression peer of NOLA: frozen random A, B shared by all layers,
-scaled by trained vectors d and b. Checked against an independent dense formula (float64 gradients), against PEFT's
-own VeRA given the same frozen matrices, and through the pipeline as users run it (recipes/7b.yaml: nf4 + double
-quant, bf16 compute and autocast, gradient checkpointing), trained, saved, reloaded and merged."""
+scaled by trained vectors d and b. Checked against an independent dense formula (float64 gradients), against the
+distribution of PEFT's own projections, against PEFT's own VeRA given the same frozen matrices, and through the
+pipeline as users run it (recipes/7b.yaml: nf4 + double quant, bf16 compute and autocast, gradient checkpointing),
+trained, saved, reloaded and merged."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 import nola
+from nola.adapter_io import read_adapter
 from nola.basis import STREAM_VERA_A, STREAM_VERA_B, generate_basis
 from nola.errors import NolaError
 from nola.methods.vera import VERA_D_INITIAL
-from nola.matrices import vera_projection
+from nola.matrices import vera_bound, vera_matrices, vera_projection
 from tests.conftest import run_train, shared_data, tiny_llama
 from tests.test_bad_inputs import entry_point
 
@@ -25,10 +27,14 @@ IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 8, 4]])
 
 
 def dense_reference(module: nola.AdaptedLinear, seed: int) -> torch.Tensor:
-    """ΔW = (alpha/r)·Λ_b·B·Λ_d·A written out from the seeded basis, independently of nola.matrices."""
-    rank, dtype = module.rank, module.vera_d.dtype
-    a = generate_basis(seed, STREAM_VERA_A, 0, rank, module.in_features).to(dtype) / math.sqrt(module.in_features)
-    b = generate_basis(seed, STREAM_VERA_B, 0, rank, module.out_features).to(dtype).t() / math.sqrt(rank)
+    """ΔW = (alpha/r)·Λ_b·B·Λ_d·A written out from the seeded basis, independently of nola.matrices: A and B the
+    top-left slices of the shared pair (r × widest in, widest out × r), kaiming-uniform with gain √2 as PEFT draws
+    it, so bound √6/√fan_in of the full matrix: the widest in for A, r for B. (Until issue 24 this read 1/√in of
+    the layer's own slice and 1/√r: a variance 6x too small, and a different bound on each layer narrower than the
+    widest.)"""
+    rank, dtype, widest_in = module.rank, module.vera_d.dtype, module.largest_shape[1]
+    a = generate_basis(seed, STREAM_VERA_A, 0, rank, module.in_features).to(dtype) * math.sqrt(6 / widest_in)
+    b = generate_basis(seed, STREAM_VERA_B, 0, rank, module.out_features).to(dtype).t() * math.sqrt(6 / rank)
     return module.scale * torch.diag(module.vera_b) @ b @ torch.diag(module.vera_d) @ a
 
 
@@ -60,53 +66,102 @@ def test_vera_gradients_equal_the_dense_formula_in_float64():
 
 
 def vera_delta(layer: nola.AdaptedLinear, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from nola.matrices import vera_matrices
-
-    a, b_matrix = vera_matrices(d, b, layer.projection_seed, layer.in_features, layer.out_features)
+    a, b_matrix = vera_matrices(d, b, layer.projection_seed, layer.in_features, layer.out_features,
+                                layer.largest_shape[1])
     return b_matrix @ a
 
 
 def test_the_frozen_projections_are_shared_slices_of_the_widest_and_the_same_on_every_run():
     model = nola.attach(tiny_llama(), CONFIG)
     layers = [m for _, m in nola.adapted_modules(model)]
-    q, k = (next(m for n, m in nola.adapted_modules(model) if n.endswith(s)) for s in ("q_proj", "k_proj"))
-    assert torch.equal(q.adapter_matrices()[0] / q.vera_d[:, None], k.adapter_matrices()[0] / k.vera_d[:, None])
-    narrow = vera_projection(3, STREAM_VERA_A, 16, 32, torch.float32, torch.device("cpu"))
-    wide = vera_projection(3, STREAM_VERA_A, 16, 96, torch.float32, torch.device("cpu"))
-    torch.testing.assert_close(narrow * math.sqrt(32), wide[:, :32] * math.sqrt(96), rtol=0, atol=1e-6)
-    assert vera_projection(3, STREAM_VERA_A, 16, 32, torch.float32, torch.device("cpu")) is narrow  # one per width
+    q, k, gate, down = (next(m for n, m in nola.adapted_modules(model) if n.endswith(s))
+                        for s in ("q_proj", "k_proj", "gate_proj", "down_proj"))
+    assert all(m.largest_shape == (48, 48) for m in layers)  # gate/up: 48 out, down: 48 in
+    (a_q, b_q), (a_k, b_k) = q.adapter_matrices(), k.adapter_matrices()  # d = 0.1 everywhere: products compare
+    assert torch.equal(a_q, a_k) and torch.equal(a_q, down.adapter_matrices()[0][:, :32])
+    assert torch.equal(b_k, b_q[:16]) and torch.equal(b_q, gate.adapter_matrices()[1][:32])
+    narrow = vera_projection(3, STREAM_VERA_A, 16, 32, 96, torch.float32, torch.device("cpu"))
+    wide = vera_projection(3, STREAM_VERA_A, 16, 96, 96, torch.float32, torch.device("cpu"))
+    assert torch.equal(narrow, wide[:, :32])  # one bound, that of the full matrix: a slice, bit for bit
+    assert vera_projection(3, STREAM_VERA_A, 16, 32, 96, torch.float32, torch.device("cpu")) is narrow  # cached
     other_seed = nola.attach(tiny_llama(), nola.AdapterConfig(method="vera", rank=16, alpha=16, seed=4))
     assert not torch.equal(next(m for _, m in nola.adapted_modules(other_seed)).adapter_matrices()[0],
                            layers[0].adapter_matrices()[0])
 
 
+def test_the_projections_have_the_distribution_of_peft_vera_kaiming_init():
+    """PEFT draws vera_A (r × widest in) and vera_B (widest out × r) with its `_kaiming_init`: uniform, bound
+    √6/√fan_in of the full matrix. Ours, generated at the same full shapes (LLaMA-7B's largest, all-linear), have
+    the same bound (never exceeded, approached) and the same std as PEFT's own draw; only the generator differs."""
+    from peft.tuners.vera.model import _kaiming_init
+
+    rank, (out_features, in_features) = 16, (11008, 11008)
+    generator = torch.Generator().manual_seed(0)
+    theirs = (_kaiming_init((rank, in_features), generator=generator),
+              _kaiming_init((out_features, rank), generator=generator))
+    ours = vera_matrices(torch.ones(rank), torch.ones(out_features), 3, in_features, out_features, in_features)
+    for mine, peft_draw, fan_in in zip(ours, theirs, (in_features, rank)):
+        assert mine.shape == peft_draw.shape
+        bound = vera_bound(fan_in)
+        assert peft_draw.abs().max() <= bound <= peft_draw.abs().max() * (1 + 1e-3)  # PEFT's bound, pinned
+        assert bound * (1 - 1e-3) <= mine.abs().max() <= bound
+        torch.testing.assert_close(mine.std(), peft_draw.std(), rtol=1e-2, atol=0)  # both bound/√3
+        assert abs(mine.mean()) < 1e-2 * bound
+
+
 def test_vera_computes_what_peft_vera_computes_given_the_same_frozen_matrices():
-    """PEFT shares one vera_A (r × in) and vera_B (out × r) across layers; on square layers (q_proj, o_proj) ours
-    are that one pair too, so copying them (and d, b) into PEFT must reproduce the logits."""
+    """PEFT shares one vera_A (r × widest in) and vera_B (widest out × r) across layers and each layer computes
+    with their top-left slices. On every projection of the tiny LLaMA (five distinct shapes), ours are such slices
+    of one pair, the full A being down_proj's (48 in) and the full B gate_proj's (48 out): copying that pair (and
+    d, b) into PEFT must reproduce the logits."""
     from peft import VeraConfig, get_peft_model
 
-    config = nola.AdapterConfig(method="vera", rank=8, alpha=8, seed=3, target_modules=["q_proj", "o_proj"])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = nola.AdapterConfig(method="vera", rank=8, alpha=8, seed=3, target_modules=targets)
     ours = nola.attach(tiny_llama(), config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in (p for p in ours.parameters() if p.requires_grad):
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    theirs = get_peft_model(tiny_llama(), VeraConfig(r=8, target_modules=["q_proj", "o_proj"], vera_dropout=0.0))
-    layer = next(m for _, m in nola.adapted_modules(ours))
-    a, b = (t / v[:, None] for t, v in zip(layer.adapter_matrices(), (layer.vera_d, layer.vera_b)))
+    theirs = get_peft_model(tiny_llama(), VeraConfig(r=8, target_modules=targets, vera_dropout=0.0))
+    modules = dict(nola.adapted_modules(ours))
+    down, gate = modules["model.layers.0.mlp.down_proj"], modules["model.layers.0.mlp.gate_proj"]
+    shared_a = down.adapter_matrices()[0] / down.vera_d[:, None]
+    shared_b = gate.adapter_matrices()[1] / gate.vera_b[:, None]
     copied = 0
     with torch.no_grad():
+        assert theirs.base_model.vera_A["default"].shape == (8, down.largest_shape[1]) == shared_a.shape
+        assert theirs.base_model.vera_B["default"].shape == (gate.largest_shape[0], 8) == shared_b.shape
+        theirs.base_model.vera_A["default"].copy_(shared_a)
+        theirs.base_model.vera_B["default"].copy_(shared_b)
         for name, module in theirs.named_modules():
             if hasattr(module, "vera_lambda_d") and "default" in getattr(module, "vera_lambda_d", {}):
                 copied += 1
-                mine = ours.get_submodule(name.removeprefix("base_model.model."))
-                module.vera_A["default"].copy_(a)
-                module.vera_B["default"].copy_(b)
+                assert module.vera_A["default"] is theirs.base_model.vera_A["default"]  # one pair, shared
+                mine = modules[name.removeprefix("base_model.model.")]
                 module.vera_lambda_d["default"].copy_(mine.vera_d)
                 module.vera_lambda_b["default"].copy_(mine.vera_b)
-        assert copied == 4  # q_proj and o_proj of both layers
+        assert copied == 14  # seven projections in each of two layers
         torch.testing.assert_close(theirs(IDS).logits, ours(IDS).logits, rtol=1e-5, atol=1e-5)
         assert (ours(IDS).logits - tiny_llama()(IDS).logits).abs().max() > 1e-2, "adapter inert: vacuous"
+
+
+def test_a_vera_file_of_the_earlier_projections_is_refused_not_rebuilt_with_the_new_ones(tmp_path):
+    """The projections are not stored: a file saved before they matched PEFT's would load into another model
+    without a word. Its record says how they were drawn; a file without it, or of another draw, is one line."""
+    model = nola.attach(tiny_llama(), CONFIG)
+    with torch.no_grad():
+        for module in dict(nola.adapted_modules(model)).values():
+            module.vera_b.normal_()
+    directory = nola.save_adapter(model, tmp_path / "adapter")
+    description = json.loads((directory / "adapter_config.json").read_text())
+    assert description["frozen_draw"] == "peft-kaiming-uniform-shared-v2"
+    read_adapter(directory)
+    del description["frozen_draw"]  # as every VeRA file before issue 24
+    (directory / "adapter_config.json").write_text(json.dumps(description))
+    with pytest.raises(NolaError, match=r"adapter_config.json: its frozen vera tensors were drawn as an earlier "
+                                        r"nola drew them, this nola draws them as peft-kaiming-uniform-shared-v2"):
+        read_adapter(directory)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -29,6 +29,10 @@ class AdapterMethod:
     name: str = ""
     quantizable: bool = False  # its stored tensors may be trained and stored at 3/4 bits (adapter.quant_bits)
     defers_projection: bool = False  # its gradients pass through a basis projection that can wait for the step
+    # The name of how it draws frozen random tensors from the seed besides NOLA's basis (None: it draws none).
+    # Recorded in adapter files and checked on reading: a file whose tensors were drawn another way cannot be
+    # rebuilt, and rebuilding it anyway would be a silently wrong model.
+    frozen_draw: str | None = None
 
     def create(self, layer: torch.nn.Module, config: AdapterConfig, seed: int, dtype: torch.dtype,
                device: torch.device, factors: Factors | None) -> None:
@@ -50,9 +54,10 @@ class AdapterMethod:
         raise NotImplementedError
 
     def matrices_from_values(self, config: AdapterConfig, values: dict[str, torch.Tensor], seed: int | None,
-                             out_features: int, in_features: int) -> Factors:
-        """(A, B) in float32 from one module's stored values (`seed`: the module's): the very matrices the layer
-        computes with, made without a model, for merge and export."""
+                             out_features: int, in_features: int, largest_shape: tuple[int, int]) -> Factors:
+        """(A, B) in float32 from one module's stored values (`seed`: the module's; `largest_shape`: the layers'
+        `largest_shape`, from all the adapter's modules): the very matrices the layer computes with, made without
+        a model, for merge and export."""
         raise NotImplementedError
 
     def describe(self, layer: torch.nn.Module) -> str:

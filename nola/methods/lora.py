@@ -59,7 +59,7 @@ class Lora(AdapterMethod):
         return shapes
 
     def matrices_from_values(self, config: AdapterConfig, values: dict[str, torch.Tensor], seed: int | None,
-                             out_features: int, in_features: int) -> Factors:
+                             out_features: int, in_features: int, largest_shape: tuple[int, int]) -> Factors:
         return values["lora_a"].float(), values["lora_b"].float()
 
     def frozen_tensor_setting(self, config: AdapterConfig) -> str | None:

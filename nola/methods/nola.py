@@ -58,7 +58,7 @@ class Nola(AdapterMethod):
         return {"coefficients_a": (config.basis_size_a,), "coefficients_b": (config.basis_size_b,)}
 
     def matrices_from_values(self, config: AdapterConfig, values: dict[str, torch.Tensor], seed: int | None,
-                             out_features: int, in_features: int) -> Factors:
+                             out_features: int, in_features: int, largest_shape: tuple[int, int]) -> Factors:
         return nola_matrices(values["coefficients_a"].float(), values["coefficients_b"].float(), seed, config.rank,
                              in_features, out_features, config.basis_chunk_bytes)
 
