@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny LLaMA models built in-process and the optional real data in ../shared/data."""
+"""Shared test helpers: tiny LLaMA models built in-process and the optional real data in ../shared/data; and the
+two tiers: `make test` runs the tests not marked `slow` (FAST_TIER), `make test-all` every test."""
 
 from __future__ import annotations
 
@@ -17,6 +18,30 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FAST_TIER = "not slow"  # the marker expression of `make test`
+
+
+def package_modules() -> set[str]:
+    """Every module of the nola package, by its import name."""
+    package = REPO_ROOT / "nola"
+    return {".".join(("nola", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+            for path in package.rglob("*.py")}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The fast tier is only a tier if it still reaches every module: after a whole, green `make test` (all test
+    paths, no -k), fail the session if a nola module was never imported by the tests it ran (in this process:
+    what only a subprocess imports does not count)."""
+    config = session.config
+    whole_tier = (config.option.markexpr == FAST_TIER and not config.option.keyword
+                  and config.args_source is pytest.Config.ArgsSource.TESTPATHS)
+    if not whole_tier or exitstatus != 0:
+        return
+    missing = sorted(package_modules() - set(sys.modules))
+    if missing:
+        print(f"\nerror: the fast tier never imports {', '.join(missing)}: unmark a test of it or add one",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def tiny_llama_config(**overrides):
@@ -67,7 +92,13 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """One embedded-default cache for the whole test session (built on first use, like a user's first run)."""
+    """One embedded-default cache for the whole test session (built on first use, like a user's first run).
+    $NOLA_TEST_CACHE_DIR names one to keep between sessions instead (the build takes minutes on a small machine
+    and is versioned: a changed build gets a new directory); CI and a fresh clone build their own."""
+    kept = os.environ.get("NOLA_TEST_CACHE_DIR")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        return Path(kept)
     return tmp_path_factory.mktemp("nola-cache")
 
 

@@ -42,6 +42,7 @@ def chat_run(cache_dir, conversations, tmp_path_factory):
     return output, completed
 
 
+@pytest.mark.slow
 def test_the_chat_recipe_trains_packed_conversations(chat_run):
     output, completed = chat_run
     facts = json.loads(next(line for line in completed.stdout.splitlines() if line.startswith('{"parameters"')))
@@ -52,6 +53,7 @@ def test_the_chat_recipe_trains_packed_conversations(chat_run):
     assert trained_prompt_template(read_adapter(output / "adapter")) == "llama2"
 
 
+@pytest.mark.slow
 def test_generation_prompts_an_adapter_as_it_was_trained(cache_dir, chat_run):
     from transformers import AutoTokenizer
 
@@ -65,6 +67,7 @@ def test_generation_prompts_an_adapter_as_it_was_trained(cache_dir, chat_run):
     assert json.loads(completed.stdout.strip().splitlines()[-1])["instruction"] == "Name a colour."
 
 
+@pytest.mark.slow
 def test_a_record_the_template_cannot_render_stops_the_run_in_one_line(cache_dir, tmp_path):
     path = tmp_path / "bad.jsonl"
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT, free_port, metrics, run_train, shared_data
 
+pytestmark = pytest.mark.slow  # every test launches two or more processes: `make test-all`
+
 COMMON = ["recipes/tiny.yaml", "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1",
           "train.save_total_limit=null", "train.sample_generations=1", "train.max_new_tokens=4",
           "data.validation_size=37", "log.wandb_mode=offline"]

@@ -25,6 +25,7 @@ def responses(completed) -> list[dict]:
     return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_adapter_and_merged_model_generate_the_same_greedy_answers(cache_dir, embedded_adapter, merged, tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("\n".join(json.dumps({"instruction": p}) for p in PROMPTS) + "\n")
@@ -40,6 +41,7 @@ def test_adapter_and_merged_model_generate_the_same_greedy_answers(cache_dir, em
     assert base_answers != answers, "the adapter changed no answer: vacuous comparison"
 
 
+@pytest.mark.slow
 def test_sampling_is_repeatable_with_its_seed(cache_dir, embedded_adapter):
     arguments = ["scripts/generate.py", "--base", "embedded:tiny-llama", "--adapter", embedded_adapter,
                  "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--temperature", "1.5", "--max-new-tokens", "16"]
@@ -48,6 +50,7 @@ def test_sampling_is_repeatable_with_its_seed(cache_dir, embedded_adapter):
     assert first == again and first != other
 
 
+@pytest.mark.slow
 def test_adapter_and_merged_model_score_the_same(cache_dir, embedded_adapter, merged, tmp_path):
     from nola.embedded import instruction_records
 
@@ -64,6 +67,7 @@ def test_adapter_and_merged_model_score_the_same(cache_dir, embedded_adapter, me
     assert json.loads((tmp_path / "0.json").read_text()) == scores[0]
 
 
+@pytest.mark.slow
 def test_mmlu_from_a_local_qlora_format_file(cache_dir, embedded_adapter):
     path = shared_data("mmlu/zero_shot_mmlu_val.json")
     completed = run_script(cache_dir, "scripts/evaluate.py", "--base", "embedded:tiny-llama", "--adapter",
@@ -79,6 +83,7 @@ def test_mmlu_from_a_local_qlora_format_file(cache_dir, embedded_adapter):
     assert result["mmlu_micro_accuracy"] == pytest.approx(right / 24, rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, arguments, message",
     [
@@ -98,6 +103,7 @@ def test_script_mistakes_are_one_line(cache_dir, tmp_path, script, arguments, me
     assert completed.returncode == 2 and len(lines) == 1 and message in lines[0], completed.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="checks the message shown without it")
 def test_lm_eval_hand_off_without_the_harness_is_one_line(cache_dir):
     completed = run_script(cache_dir, "scripts/evaluate.py", "--base", "embedded:tiny-llama", "--lm-eval-tasks",

@@ -16,6 +16,8 @@ from tests.conftest import metrics, run_train, shared_data
 from tests.test_bad_inputs import entry_point
 from tests.test_distributed import TWO_PROCESSES, accelerate
 
+pytestmark = pytest.mark.slow  # every test trains the LoRA baselines in subprocesses: `make test-all`
+
 RANK, STEPS = 8, 6
 KEYS = ["adapter.init=svd", "adapter.freeze_a=true", f"adapter.rank={RANK}"]
 

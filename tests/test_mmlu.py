@@ -225,6 +225,7 @@ def test_on_the_zero_shot_file_macro_weighs_subjects_equally(monkeypatch):
     assert result["mmlu_micro_accuracy"] - result["mmlu_accuracy"] > 0.15  # the big subjects no longer dominate
 
 
+@pytest.mark.slow
 def test_the_stories_model_on_the_zero_shot_file_macro_and_micro(stories, monkeypatch):
     """A real model on every 5th question of the zero-shot file (all 57 subjects, at least one question each):
     the metrics agree with its own picks, counted exactly."""

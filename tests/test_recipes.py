@@ -30,6 +30,8 @@ from tests.conftest import metrics, run_script, shared_data
 from tests.test_bad_inputs import entry_point
 from tests.test_distributed import TWO_PROCESSES, accelerate
 
+pytestmark = pytest.mark.slow  # every shipped recipe on every engine, killed and resumed: `make test-all`
+
 RECIPES = ("7b", "70b", "7b_lora")
 ENGINES = {"one": None, "ddp": TWO_PROCESSES["ddp-config"], "zero2": TWO_PROCESSES["zero2"],
            "zero3": TWO_PROCESSES["zero3"],

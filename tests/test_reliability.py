@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from nola.training.checkpoint import verify_checkpoint
 from tests.conftest import REPO_ROOT, free_port, metrics, run_train, script_environment
 
+pytestmark = pytest.mark.slow  # every test kills, signals or resumes training subprocesses: `make test-all`
+
 # 8 optimizer steps of 2 accumulated micro-batches, a checkpoint every 2, a cosine schedule: every piece of state a
 # resume must restore changes from step to step.
 RECIPE = ["recipes/tiny.yaml", "train.max_steps=8", "train.save_steps=2", "train.eval_steps=4", "train.logging_steps=1",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 
+import pytest
+
 from tests.conftest import REPO_ROOT, run_train
 
 SOURCES = [*sorted((REPO_ROOT / "nola").glob("*.py")), *sorted((REPO_ROOT / "scripts").glob("*.py")),
@@ -28,6 +30,7 @@ def test_no_code_path_unpickles_or_runs_remote_code_by_itself():
         assert "import pickle" not in path.read_text(), path.name
 
 
+@pytest.mark.slow
 def test_credentials_in_the_environment_are_never_written_or_printed(cache_dir, tmp_path):
     secrets = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567",
                "HF_TOKEN": "hf_secretTOKENvalue0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_otherSECRET987654321"}

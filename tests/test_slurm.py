@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT, shared_data
 
+pytestmark = pytest.mark.slow  # every test runs jobs through a real SLURM: `make test-all`
+
 CLUSTER = REPO_ROOT / "scripts" / "slurm" / "local_cluster.sh"
 STATE = "/tmp/nola-slurm-tests"
 TRAIN = ["recipes/tiny.yaml", "train.micro_batch_size=4", "train.eval_steps=50", "train.sample_generations=0"]

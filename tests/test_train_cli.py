@@ -39,6 +39,7 @@ def test_tiny_recipe_learns_end_to_end(cache_dir, tmp_path):
     assert summary["answer_accuracy"] == pytest.approx(sum(f["correct"] for f in families.values()) / 60)
 
 
+@pytest.mark.slow
 def test_resumed_run_reaches_the_same_coefficients(cache_dir, tmp_path):
     common = ["recipes/tiny.yaml", "train.max_steps=8", "train.save_steps=4", "train.eval_steps=100",
               "train.sample_generations=0", "log.wandb_mode=disabled", "train.save_total_limit=null",
@@ -56,6 +57,7 @@ def test_resumed_run_reaches_the_same_coefficients(cache_dir, tmp_path):
     assert summaries[0]["first_eval_loss"] == summaries[1]["first_eval_loss"]  # the step-0 loss, not the resumed one
 
 
+@pytest.mark.slow
 def test_training_on_the_source_still_prompts_generation_with_the_prompt_only(cache_dir, tmp_path):
     completed = train(cache_dir, "recipes/tiny.yaml", "data.train_on_source=true", "train.max_steps=1",
                       "train.sample_generations=1", "train.max_new_tokens=4", "log.wandb_mode=disabled",
@@ -64,6 +66,7 @@ def test_training_on_the_source_still_prompts_generation_with_the_prompt_only(ca
     assert "### Response:" in prompt_line
 
 
+@pytest.mark.slow
 def test_auto_resume_continues_from_the_latest_checkpoint(cache_dir, tmp_path):
     output = tmp_path / "run"
     common = ["recipes/tiny.yaml", "train.save_steps=2", "train.eval_steps=100", "train.sample_generations=0",
@@ -74,6 +77,7 @@ def test_auto_resume_continues_from_the_latest_checkpoint(cache_dir, tmp_path):
     assert [m["step"] for m in metrics(output) if "loss" in m] == [2, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nola", "lora"])
 def test_real_tiny_llama_in_nf4_learns_alpaca(tmp_path, cache_dir, method):
     model_dir = shared_data("stories260K-hf")
@@ -99,6 +103,7 @@ def test_real_tiny_llama_in_nf4_learns_alpaca(tmp_path, cache_dir, method):
     assert summary["trainable_params"] == expected
 
 
+@pytest.mark.slow
 def test_a_4bit_base_with_bf16_compute_and_no_autocast_trains_and_resumes(tmp_path, cache_dir):
     """The README's way to train any local checkpoint, in 4-bit: recipes/tiny.yaml has compute_dtype bfloat16 and
     mixed_precision "no". It used to die at the first eval (a bf16 head fed float32 hidden states), and its resume
