@@ -8,6 +8,9 @@ Why a bench: the README quotes these figures; they must come from a committed ar
 it, not from a terminal someone once read. Training is the same in every run but the schedule ones (greedy
 decoding draws no random numbers), so `make-train` and `all-200` differ only in how many held-out records are scored.
 
+Every run is on the kernels `make train` pins (nola/embedded.py PINNED_KERNELS), so the figures are the same on any
+x86-64 machine with this torch build (bench/embedded_spread.py measures what they are without the pins).
+
 Runs, on recipes/tiny.yaml (embedded default model and data, built and cached on first use), each with overrides:
     make-train         none: what `make train` prints (train.answer_accuracy: 60 records)
     all-200            train.answer_accuracy=200: every held-out record
@@ -24,10 +27,13 @@ atomically after every run, and prints one line per run.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
 from recipe_runs import ROOT, command_line, run_recipe, write_json
+
+from nola.embedded import PINNED_KERNELS
 
 RECIPE = "recipes/tiny.yaml"
 ALL_RECORDS = ["train.answer_accuracy=200"]
@@ -57,7 +63,7 @@ def arguments() -> argparse.Namespace:
 
 def train(name: str, output_dir: Path) -> dict:
     """One run of the tiny recipe with `name`'s overrides: its answer accuracy before and after, and eval loss."""
-    run = run_recipe(RECIPE, RUNS[name], output_dir, name)
+    run = run_recipe(RECIPE, RUNS[name], output_dir, name, {**os.environ, **PINNED_KERNELS})
     return {"name": name, "overrides": RUNS[name], **{key: run["summary"].get(key) for key in KEPT},
             "seconds": run["seconds"]}
 

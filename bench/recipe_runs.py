@@ -34,13 +34,16 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def run_recipe(recipe: str, overrides: list[str], output_dir: Path, label: str) -> dict:
-    """Train `recipe` with `overrides` into `output_dir`; exit with the run's last stderr when it fails.
+def run_recipe(recipe: str, overrides: list[str], output_dir: Path, label: str,
+               base_environment: dict[str, str] | None = None) -> dict:
+    """Train `recipe` with `overrides` into `output_dir` (in `base_environment`, default this process's, made
+    offline); exit with the run's last stderr when it fails.
 
     Returns {"eval_loss": [[step, loss], ...], "trainable_params", "seconds", "summary": run.json}."""
     command = [sys.executable, "train_llama.py", recipe, *overrides, f"train.output_dir={output_dir}",
                "log.wandb_mode=disabled"]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    environment = {**(os.environ if base_environment is None else base_environment), "HF_HUB_OFFLINE": "1",
+                   "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     if completed.returncode != 0:

@@ -5,24 +5,35 @@ synthetic world (capitals, opposites, animal classes, colours, animals of a clas
 
   * `embedded:tiny-instructions`: ~3,000 Alpaca-format records (JSON list) asking about that world;
   * `embedded:tiny-llama`: a 4-layer LLaMA (hidden 128, 2 KV heads, ~1M weights) with a 1,000-piece SentencePiece
-    tokenizer (BPE, byte fallback, LLaMA's special ids), pre-trained for a minute or two on plain prose about the same
-    world, never on the instruction format.
+    tokenizer (BPE, byte fallback, LLaMA's special ids), pre-trained (about four minutes on 2 cores) on plain prose
+    about the same world, never on the instruction format.
 
 So the base "knows" the facts but not how to answer an instruction: that is what the adapter learns, as in the
 paper's Alpaca runs. Everything is seeded (local generators, never the global RNG state of the caller) and cached
-under $NOLA_CACHE_DIR (default ~/.cache/nola)/embedded-v1; the build goes to a temporary directory renamed into
+under $NOLA_CACHE_DIR (default ~/.cache/nola)/embedded-v2; the build goes to a temporary directory renamed into
 place under a file lock, so concurrent processes (ranks, parallel runs) build it once and never see half of it.
+
+The build is meant to be byte-identical on every x86-64 machine with the same torch build, whatever the caller's
+thread count or CPU: it runs in a child process whose kernels are pinned (`PINNED_KERNELS`; checked on one CPU
+under every kernel set and thread count, the rest rests on ATen's portable kernels and MKL's documented
+reproducibility). Seeds alone are not enough: 800 chaotic optimizer steps turn the last-bit differences between
+CPUs' vector kernels (ATen's AVX-512 and AVX2 paths sum in other orders; MKL picks its GEMM code per CPU) into a
+different model, and so into other `make train` figures (embedded-v1 was built with the caller's kernels).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import json
 import math
 import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,9 +41,30 @@ import torch
 from nola.data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 from nola.errors import NolaError
 
-VERSION = "embedded-v1"
+VERSION = "embedded-v2"  # bump whenever the built bytes change: a stale cache is never used
 PREFIX = "embedded:"
 ASSETS = {"tiny-llama": "tiny-llama", "tiny-instructions": "tiny-instructions.json"}
+PRETRAIN_STEPS = 800
+
+# The environment of the build's child process (read by torch and MKL at start-up, so a running process cannot pin
+# them). Measured on one AVX-512 CPU: each of ATen's kernel sets (avx512, avx2, default) gives other gradients from
+# the first step. MKL's default (AUTO) branch is chosen per CPU, and its AVX2 branch is reproducible on Intel CPUs
+# only; COMPATIBLE is the one branch Intel documents as reproducible on non-Intel CPUs too, and only at a fixed
+# thread count (measured: 2 threads give other weights than 1). Two threads, not one: every partition of a
+# reduction is then fixed whatever the machine's core count (a one-core machine runs both threads on its core).
+# Cost, measured on 2 idle cores: a 40-step build took 17.0 s pinned at 2 threads, 23.4 s pinned at 1 and 8.6 s
+# unpinned (MKL's COMPATIBLE GEMMs and ATen's unvectorised kernels); the whole pinned build 242 s, once per cache.
+PINNED_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "default",  # ATen's portable kernels: the same code on every x86-64 CPU
+    "MKL_CBWR": "COMPATIBLE",          # MKL's reproducible branch (SSE2, no approximate rcp/rsqrt)
+    "OMP_NUM_THREADS": "2",            # a fixed count: no partition of any reduction depends on the machine
+    "MKL_NUM_THREADS": "2",
+    "MKL_DYNAMIC": "FALSE",            # MKL may not drop threads on a busy or smaller machine
+    # For the runs on these kernels (`make train`): inductor's C++ for ATen's default kernels does not compile
+    # (torch 2.13 emits vector reductions with no vector ISA), so nola's basis kernels would warn and fall back to
+    # eager anyway; eager gives the same values bit for bit (nola/fused.py).
+    "NOLA_BASIS_BACKEND": "eager",
+}
 
 CAPITALS = {
     "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo", "Egypt": "Cairo",
@@ -94,7 +126,7 @@ def _prose_sentence(rng: random.Random) -> str:
 
 
 # The task families of the instruction set, in the order `_family_instruction` draws them (its first draw,
-# `rng.randrange(len(FAMILIES))`, is the index: adding or reordering one changes every embedded-v1 record), each with
+# `rng.randrange(len(FAMILIES))`, is the index: adding or reordering one changes every embedded record), each with
 # the instruction it asks: a str.format template whose one field, if any, is the subject. The builder and
 # `task_family` both read this table, so the classification cannot drift from how records are made.
 FAMILIES: dict[str, str] = {
@@ -114,8 +146,8 @@ _FAMILY_PATTERNS = [
 
 def _family_instruction(rng: random.Random) -> tuple[str, dict[str, str]]:
     """(family, record): one Alpaca-style record whose answer follows from facts the base model read in
-    pre-training, with the name of the family it belongs to (not stored in the record: the embedded-v1 data must
-    stay byte-identical, so the family is recovered from the instruction by `task_family`)."""
+    pre-training, with the name of the family it belongs to (not stored in the record: the embedded data, unchanged
+    since embedded-v1, must stay byte-identical, so the family is recovered from the instruction by `task_family`)."""
     kind = rng.randrange(len(FAMILIES))
     family = list(FAMILIES)[kind]
     template = FAMILIES[family]
@@ -192,14 +224,14 @@ def _train_tokenizer(texts: list[str], directory: Path, vocab_size: int = 1000) 
     """A LLaMA-style SentencePiece model (BPE, byte fallback, split digits, <unk>=0 <s>=1 </s>=2)."""
     import sentencepiece as spm
 
-    model = directory / "tokenizer.model"
+    model = io.BytesIO()  # not a model_prefix: the trainer would record that path (the build's pid) in the file
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(model.with_suffix("")), vocab_size=vocab_size,
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1,
         eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2,
     )
-    model.with_suffix(".vocab").unlink()
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps({
@@ -209,7 +241,7 @@ def _train_tokenizer(texts: list[str], directory: Path, vocab_size: int = 1000) 
     }, indent=2) + "\n")
 
 
-def _pretrain(directory: Path, paragraphs: list[str], steps: int = 800) -> None:
+def _pretrain(directory: Path, paragraphs: list[str], steps: int = PRETRAIN_STEPS) -> None:
     """Next-token pre-training on the prose, packed into 128-token rows; seeded on a forked RNG."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -248,19 +280,51 @@ def _pretrain(directory: Path, paragraphs: list[str], steps: int = 800) -> None:
     finally:
         transformers_logging.enable_progress_bar()
     (directory / "pretraining.json").write_text(json.dumps(
-        {"steps": steps, "batch": [batch_size, sequence], "final_train_loss": round(loss.item(), 4)}, indent=2
+        {"steps": steps, "batch": [batch_size, sequence], "final_train_loss": round(loss.item(), 4),
+         "kernels": _kernels()}, indent=2
     ) + "\n")
 
 
-def _build(target: Path) -> None:
+def _kernels() -> dict:
+    """What the pre-training ran on, recorded beside the weights: where a build differs from the published one,
+    this says whether the pins held (a CPU without the pinned path, or a torch that ignores them)."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR"), "torch": torch.__version__}
+
+
+def _build(target: Path, pretrain_steps: int = PRETRAIN_STEPS) -> None:
+    """Build every asset into `target` in a child process under `PINNED_KERNELS`, so the bytes do not depend on
+    this process's threads or CPU; a failure raises NolaError with the child's last output."""
+    package_parent = str(Path(__file__).resolve().parents[1])  # the child imports this very nola
+    path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-c", "import sys; from nola.embedded import _build_here; "
+               "_build_here(sys.argv[1], int(sys.argv[2]))", str(target), str(pretrain_steps)]
+    completed = subprocess.run(command, env={**os.environ, **PINNED_KERNELS, "PYTHONPATH": path},
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        output = (completed.stderr or completed.stdout).strip()[-3000:]
+        raise NolaError(f"building the embedded default failed (exit code {completed.returncode}):\n{output}")
+
+
+def _build_here(target: str | Path, pretrain_steps: int = PRETRAIN_STEPS) -> None:
+    """The build itself, in this process with its kernels as they are (`_build` runs it pinned in a child)."""
+    target = Path(target)
     records = instruction_records()
     paragraphs = prose_corpus()
     model_dir = target / ASSETS["tiny-llama"]
     model_dir.mkdir(parents=True)
     templates = [PROMPT_WITH_INPUT.format(**r) if r["input"] else PROMPT_NO_INPUT.format(**r) for r in records[:300]]
     _train_tokenizer(paragraphs + templates + [r["output"] for r in records], model_dir)
-    _pretrain(model_dir, paragraphs)
+    _pretrain(model_dir, paragraphs, pretrain_steps)
     (target / ASSETS["tiny-instructions"]).write_text(json.dumps(records, indent=1) + "\n")
+
+
+def build_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file of a built embedded default, by relative path: what "the same build" means (the tests
+    and bench/embedded_spread.py compare these across threads and CPU kernels)."""
+    root = Path(root)
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def nola_cache_dir() -> Path:
@@ -284,7 +348,7 @@ def ensure_built() -> Path:
             return root
         staging = root.parent / f"{VERSION}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"nola: building the embedded default in {root} (once, a minute or two)", flush=True)
+        print(f"nola: building the embedded default in {root} (once, a few minutes)", flush=True)
         try:
             _build(staging)
             staging.rename(root)
