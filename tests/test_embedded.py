@@ -186,8 +186,8 @@ def test_the_build_is_byte_identical_at_any_thread_count_and_cpu_kernels(tmp_pat
 
 @pytest.mark.slow
 def test_the_tiny_run_gives_the_same_figures_at_any_thread_count(cache_dir, tmp_path):
-    """The run's own kernels are the caller's (only the build is pinned): measured the same at 1, 2 and 4 threads,
-    and not across CPU kernel sets, so the README gives a range for those."""
+    """A plain `python train_llama.py` run is on the caller's kernels: the same at 1, 2 and 4 threads, though not
+    across CPU kernel sets (`make train` pins those; the README gives the unpinned range)."""
     import hashlib
     import json
 
