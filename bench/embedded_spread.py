@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_runs import ROOT, command_line, fail, run_recipe, write_json  # noqa: E402
+from recipe_runs import OFFLINE, ROOT, command_line, fail, run_recipe, write_json  # noqa: E402
 
 from nola.embedded import PINNED_KERNELS  # noqa: E402
 
@@ -42,8 +42,6 @@ RESULTS = ROOT / "bench" / "results" / "embedded_default.json"
 # keeps equal to the Makefile's PINNED) and `python train_llama.py recipes/tiny.yaml` (the machine's own kernels).
 MODES = {"make_train": PINNED_KERNELS, "unpinned": {}}
 CAPABILITIES = ("avx512", "avx2", "default")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "TOKENIZERS_PARALLELISM": "false"}  # what the Makefile's `make train` sets
 BUILD = ("import json, time; import torch; from nola import embedded; started = time.perf_counter(); "
          "root = embedded.ensure_built(); seconds = time.perf_counter() - started; "
          "print(json.dumps({'seconds': seconds, 'capability': torch.backends.cpu.get_cpu_capability(), "

@@ -26,6 +26,9 @@ from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+# What the Makefile's commands set: no hub, no W&B upload, no tokenizer threads fighting torch's.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false"}
 
 
 def fail(message: str) -> NoReturn:
@@ -42,8 +45,7 @@ def run_recipe(recipe: str, overrides: list[str], output_dir: Path, label: str,
     Returns {"eval_loss": [[step, loss], ...], "trainable_params", "seconds", "summary": run.json}."""
     command = [sys.executable, "train_llama.py", recipe, *overrides, f"train.output_dir={output_dir}",
                "log.wandb_mode=disabled"]
-    environment = {**(os.environ if base_environment is None else base_environment), "HF_HUB_OFFLINE": "1",
-                   "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    environment = {**(os.environ if base_environment is None else base_environment), **OFFLINE}
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     if completed.returncode != 0:
