@@ -64,11 +64,13 @@ def portable_path(value: str) -> str:
     key, separator, path = value.partition("=") if "=" in value and not value.startswith("/") else ("", "", value)
     if not path.startswith("/"):
         return value
-    absolute = Path(path).resolve()
-    bases = ((ROOT, ""), (ROOT.parent, "../"), (Path.home().resolve(), "~/"))
-    for base, prefix in bases:
-        if base != Path(base.anchor) and absolute.is_relative_to(base):  # never relative to / itself
-            return f"{key}{separator}{prefix}{absolute.relative_to(base).as_posix() or '.'}"
+    # As written first (../shared may be a symbolic link to anywhere), then with links resolved
+    for resolve in (lambda p: Path(os.path.normpath(p)), lambda p: Path(p).resolve()):
+        absolute = resolve(path)
+        bases = ((resolve(ROOT), ""), (resolve(ROOT).parent, "../"), (resolve(Path.home()), "~/"))
+        for base, prefix in bases:
+            if base != Path(base.anchor) and absolute.is_relative_to(base):  # never relative to / itself
+                return f"{key}{separator}{prefix}{absolute.relative_to(base).as_posix() or '.'}"
     return f"{key}{separator}{absolute.name}"
 
 

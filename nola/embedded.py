@@ -34,6 +34,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -45,6 +47,8 @@ VERSION = "embedded-v2"  # bump whenever the built bytes change: a stale cache i
 PREFIX = "embedded:"
 ASSETS = {"tiny-llama": "tiny-llama", "tiny-instructions": "tiny-instructions.json"}
 PRETRAIN_STEPS = 800
+PROGRESS_EVERY = 50  # pre-training steps between two progress lines: a first run shows it is moving
+PROGRESS = "nola: embedded default: "  # the child's lines that the parent passes on
 
 # The environment of the build's child process (read by torch and MKL at start-up, so a running process cannot pin
 # them). Measured on one AVX-512 CPU: each of ATen's kernel sets (avx512, avx2, default) gives other gradients from
@@ -263,7 +267,8 @@ def _pretrain(directory: Path, paragraphs: list[str], steps: int = PRETRAIN_STEP
         )
         generator = torch.Generator().manual_seed(0)
         model.train()
-        for _ in range(steps):
+        started = time.perf_counter()
+        for step in range(steps):
             batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
@@ -271,10 +276,13 @@ def _pretrain(directory: Path, paragraphs: list[str], steps: int = PRETRAIN_STEP
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps:
+                _progress(f"pre-training step {step + 1}/{steps}, loss {loss.item():.3f}, "
+                          f"{time.perf_counter() - started:.0f} s")
     model.eval()
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # a first run's only output should be our one line
+    transformers_logging.disable_progress_bar()  # a first run's output should be our lines only
     try:
         model.save_pretrained(directory)
     finally:
@@ -285,6 +293,10 @@ def _pretrain(directory: Path, paragraphs: list[str], steps: int = PRETRAIN_STEP
     ) + "\n")
 
 
+def _progress(message: str) -> None:
+    print(PROGRESS + message, flush=True)
+
+
 def _kernels() -> dict:
     """What the pre-training ran on, recorded beside the weights: where a build differs from the published one,
     this says whether the pins held (a CPU without the pinned path, or a torch that ignores them)."""
@@ -292,18 +304,39 @@ def _kernels() -> dict:
             "mkl_cbwr": os.environ.get("MKL_CBWR"), "torch": torch.__version__}
 
 
+def _die_with_parent() -> None:
+    """In the build's child, before it starts: the kernel kills it when its parent dies. A parent killed outright
+    (SIGKILL, a test's timeout) runs no cleanup, and an orphaned build would compute on beside the next one."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _build(target: Path, pretrain_steps: int = PRETRAIN_STEPS) -> None:
     """Build every asset into `target` in a child process under `PINNED_KERNELS`, so the bytes do not depend on
-    this process's threads or CPU; a failure raises NolaError with the child's last output."""
+    this process's threads or CPU. The child's progress lines are passed on as they come (a first build takes
+    minutes); a failure raises NolaError with the child's last output."""
     package_parent = str(Path(__file__).resolve().parents[1])  # the child imports this very nola
     path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
     command = [sys.executable, "-c", "import sys; from nola.embedded import _build_here; "
                "_build_here(sys.argv[1], int(sys.argv[2]))", str(target), str(pretrain_steps)]
-    completed = subprocess.run(command, env={**os.environ, **PINNED_KERNELS, "PYTHONPATH": path},
-                               capture_output=True, text=True)
-    if completed.returncode != 0:
-        output = (completed.stderr or completed.stdout).strip()[-3000:]
-        raise NolaError(f"building the embedded default failed (exit code {completed.returncode}):\n{output}")
+    last_lines: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(command, env={**os.environ, **PINNED_KERNELS, "PYTHONPATH": path}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent) as child:
+        try:
+            for line in child.stdout:
+                if line.startswith(PROGRESS):
+                    print(line, end="", flush=True)
+                last_lines.append(line)
+            returncode = child.wait()
+        except BaseException:  # interrupted or timed out: the child must not outlive us, computing on
+            child.kill()
+            raise
+    if returncode != 0:
+        output = "".join(last_lines).strip()[-3000:]
+        raise NolaError(f"building the embedded default failed (exit code {returncode}):\n{output}")
 
 
 def _build_here(target: str | Path, pretrain_steps: int = PRETRAIN_STEPS) -> None:
@@ -315,6 +348,7 @@ def _build_here(target: str | Path, pretrain_steps: int = PRETRAIN_STEPS) -> Non
     model_dir.mkdir(parents=True)
     templates = [PROMPT_WITH_INPUT.format(**r) if r["input"] else PROMPT_NO_INPUT.format(**r) for r in records[:300]]
     _train_tokenizer(paragraphs + templates + [r["output"] for r in records], model_dir)
+    _progress(f"tokenizer trained; pre-training {pretrain_steps} steps on {torch.get_num_threads()} threads")
     _pretrain(model_dir, paragraphs, pretrain_steps)
     (target / ASSETS["tiny-instructions"]).write_text(json.dumps(records, indent=1) + "\n")
 
@@ -346,11 +380,16 @@ def ensure_built() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if root.is_dir():  # another process built it while we waited
             return root
+        for stale in root.parent.glob(f"{VERSION}.building-*"):  # a killed build's: only the lock holder builds
+            shutil.rmtree(stale, ignore_errors=True)
         staging = root.parent / f"{VERSION}.building-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        print(f"nola: building the embedded default in {root} (once, a few minutes)", flush=True)
+        print(f"nola: building the embedded default in {root} (once, a few minutes; progress follows)",
+              flush=True)
         try:
             _build(staging)
+            for built in staging.rglob("*"):  # a deterministic build is never edited: tests link it read-only
+                if built.is_file():
+                    built.chmod(0o444)
             staging.rename(root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

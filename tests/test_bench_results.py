@@ -69,6 +69,15 @@ def test_portable_path_keeps_no_directory_of_this_machine(recipe_runs, tmp_path)
         assert recipe_runs.portable_path(unchanged) == unchanged
 
 
+def test_portable_path_keeps_a_linked_shared_directory_beside_the_repository(recipe_runs, tmp_path, monkeypatch):
+    """../shared is often a symbolic link (to a data disk): a path through it is still ../shared/..."""
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "data-disk").mkdir()
+    (tmp_path / "shared").symlink_to(tmp_path / "data-disk", target_is_directory=True)
+    monkeypatch.setattr(recipe_runs, "ROOT", tmp_path / "repo")
+    assert recipe_runs.portable_path(str(tmp_path / "shared" / "data" / "a.json")) == "../shared/data/a.json"
+
+
 def test_command_line_is_what_a_user_types_from_the_repository(recipe_runs, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / "bench" / "baselines.py"), "--out",
                                       str(REPO_ROOT / "bench" / "results" / "b.json"), "--lrs", "1e-3,3e-3"])

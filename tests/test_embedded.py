@@ -130,23 +130,30 @@ def test_make_train_runs_on_the_kernels_the_build_is_pinned_to():
     assert "$(PINNED)" in train and "train_llama.py recipes/tiny.yaml" in train, train
 
 
-# Each setting stands for another machine: a thread count (torch.set_num_threads and OMP_NUM_THREADS) and the CPU
-# kernels torch would pick there (ATEN_CPU_CAPABILITY: unset is this CPU's best, e.g. AVX512; avx2 and default are
-# what older or other CPUs run). Unpinned, the kernel sets gave other gradients from the first pre-training step.
-BUILD_SETTINGS = [(1, None), (2, None), (4, None), (2, "avx2"), (2, "default")]
+# What another machine changes, as settings that reach the build's child: its CPU's vector kernels as the caller's
+# torch picks them (ATEN_CPU_CAPABILITY and OMP_NUM_THREADS, which the pins override), the instruction sets MKL may
+# use (MKL_ENABLE_INSTRUCTIONS, not pinned: an older CPU) and its cores (the CPU affinity the child inherits: a
+# one-core machine). Each is (threads, ATen kernels, MKL instructions, cores).
+PINNED_BUILD_SETTINGS = [(2, None, None, None), (1, "avx2", None, {0}), (4, "default", "AVX2", None),
+                         (2, None, "SSE4_2", {1})]
 SMALL_BUILD = """
 import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[1]))
 from nola import embedded
-embedded._build(Path(sys.argv[2]), pretrain_steps=4)
+target = Path(sys.argv[2])
+if sys.argv[3] == "pinned":
+    embedded._build(target, pretrain_steps=4)
+else:  # on this process's own kernels, as embedded-v1 was built
+    embedded._build_here(target, pretrain_steps=4)
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
-                  "digests": embedded.build_digests(Path(sys.argv[2]))}))
+                  "digests": embedded.build_digests(target)}))
 """
 
 
-def _small_build(tmp_path, threads: int, capability: str | None) -> dict:
+def _small_build(tmp_path, threads: int, capability: str | None, mkl: str | None = None, cores=None,
+                 how: str = "pinned") -> dict:
     """A 4-step build (every asset, the pre-training cut short) in a fresh process under one setting."""
     import json
     import os
@@ -155,33 +162,80 @@ def _small_build(tmp_path, threads: int, capability: str | None) -> dict:
 
     from tests.conftest import REPO_ROOT
 
-    target = tmp_path / f"build-{threads}-{capability}"
+    target = tmp_path / f"build-{how}-{threads}-{capability}-{mkl}-{cores}"
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    environment.pop("ATEN_CPU_CAPABILITY", None)
-    if capability:
-        environment["ATEN_CPU_CAPABILITY"] = capability
-    completed = subprocess.run([sys.executable, "-c", SMALL_BUILD, str(threads), str(target)], cwd=REPO_ROOT,
-                               env=environment, capture_output=True, text=True, timeout=600)
+    for name, value in (("ATEN_CPU_CAPABILITY", capability), ("MKL_ENABLE_INSTRUCTIONS", mkl)):
+        environment.pop(name, None)
+        if value:
+            environment[name] = value
+    completed = subprocess.run([sys.executable, "-c", SMALL_BUILD, str(threads), str(target), how], cwd=REPO_ROOT,
+                               env=environment, capture_output=True, text=True, timeout=600,
+                               preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.splitlines()[-1])
+    return {**json.loads(completed.stdout.splitlines()[-1]), "stdout": completed.stdout, "target": target}
 
 
 @pytest.mark.slow
-def test_the_build_is_byte_identical_at_any_thread_count_and_cpu_kernels(tmp_path):
+def test_the_build_is_byte_identical_whatever_the_machine_it_runs_on(tmp_path):
     import json
 
-    builds = {setting: _small_build(tmp_path, *setting) for setting in BUILD_SETTINGS}
-    # Not vacuous: the callers really ran on different kernels (this CPU's best and ATen's portable ones at least).
-    assert len({build["capability"] for build in builds.values()}) >= 2, builds
-    reference = builds[BUILD_SETTINGS[0]]["digests"]
+    # Not vacuous: built on the caller's own kernels, two of these settings give other bytes after 4 steps...
+    unpinned = [_small_build(tmp_path, 2, capability, how="unpinned") for capability in (None, "default")]
+    assert unpinned[0]["capability"] != unpinned[1]["capability"]
+    assert unpinned[0]["digests"]["tiny-llama/model.safetensors"] != unpinned[1]["digests"][
+        "tiny-llama/model.safetensors"]
+    # ...while the pinned build is the same bytes under every setting, those two included.
+    builds = [_small_build(tmp_path, *setting) for setting in PINNED_BUILD_SETTINGS]
+    reference = builds[0]["digests"]
     assert {"tiny-instructions.json", "tiny-llama/model.safetensors", "tiny-llama/tokenizer.model"} <= set(reference)
     differing = {setting: sorted(name for name in reference if build["digests"].get(name) != reference[name])
-                 for setting, build in builds.items()}
+                 for setting, build in zip(PINNED_BUILD_SETTINGS, builds)}
     assert not any(differing.values()), differing
-    # ...because the build ran on the pinned kernels, not the caller's: what its pre-training recorded.
-    kernels = json.loads((tmp_path / "build-4-None" / "tiny-llama" / "pretraining.json").read_text())["kernels"]
-    assert (kernels["cpu_capability"], kernels["threads"], kernels["mkl_cbwr"]) == (
-        "DEFAULT", int(embedded.PINNED_KERNELS["OMP_NUM_THREADS"]), embedded.PINNED_KERNELS["MKL_CBWR"])
+    # ...because it ran on the pinned kernels, not the caller's: what its pre-training recorded...
+    for build in builds:
+        kernels = json.loads((build["target"] / "tiny-llama" / "pretraining.json").read_text())["kernels"]
+        assert (kernels["cpu_capability"], kernels["threads"], kernels["mkl_cbwr"]) == (
+            "DEFAULT", int(embedded.PINNED_KERNELS["OMP_NUM_THREADS"]), embedded.PINNED_KERNELS["MKL_CBWR"])
+    # ...and said how far it had got while it ran.
+    assert f"{embedded.PROGRESS}pre-training step 4/4, loss" in builds[0]["stdout"]
+
+
+@pytest.mark.slow
+def test_a_build_dies_with_the_process_that_started_it(tmp_path):
+    """A parent killed outright (a test's timeout, SIGKILL) runs no cleanup: the build's child must not compute on,
+    orphaned, beside the next build."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO_ROOT
+
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; from nola import embedded; "
+                               "embedded._build(Path(sys.argv[1]), pretrain_steps=100000)", str(tmp_path / "build")],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().startswith(f"{embedded.PROGRESS}tokenizer trained")  # the child is building
+    children = psutil.Process(parent.pid).children()
+    assert len(children) == 1
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive
+
+
+def test_a_killed_builds_staging_directory_is_cleared_by_the_next_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(tmp_path))
+    stale = tmp_path / f"{embedded.VERSION}.building-999999"
+    (stale / "tiny-llama").mkdir(parents=True)
+
+    def build(target):
+        target.mkdir()
+        (target / "tiny-instructions.json").write_text("[]")
+
+    monkeypatch.setattr(embedded, "_build", build)
+    embedded.ensure_built()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [embedded.VERSION, f"{embedded.VERSION}.lock"]
+    assert not (tmp_path / embedded.VERSION / "tiny-instructions.json").stat().st_mode & 0o222  # read-only
 
 
 @pytest.mark.slow

@@ -366,6 +366,20 @@ def test_settings_nola_cannot_honour_are_refused_in_one_line(settings, message):
         NolaConfig(**SMALL, **settings)
 
 
+@pytest.mark.parametrize("settings", [dict(layers_to_transform=[0]), dict(target_parameters=["mlp.experts"])])
+def test_nola_refuses_before_peft_checks_so_every_peft_version_gets_the_same_line(settings, monkeypatch):
+    """peft 0.22 added its own ValueError for layers_to_transform with a string target_modules; a later PEFT may add
+    others. nola's refusals run before PEFT's checks, so the line is nola's on every version the range admits."""
+    from peft.config import PeftConfig
+
+    def peft_objects(self):
+        raise ValueError("a check of some PEFT release")
+
+    monkeypatch.setattr(PeftConfig, "__post_init__", peft_objects)
+    with pytest.raises(NolaError, match=r"^NolaConfig\."):
+        NolaConfig(**SMALL, **settings)
+
+
 def test_a_deeper_base_with_the_same_first_layers_is_refused(tmp_path):
     save_adapter(nola.attach(tiny_llama(), nola.AdapterConfig(**SMALL)), tmp_path / "nola")  # all-linear
     assert run_convert("--adapter", str(tmp_path / "nola"), "--out", str(tmp_path / "adapter")) == 0

@@ -4,9 +4,12 @@ overridden. Every dtype, precision, quantisation and checkpointing key stays as 
 compute, bf16 autocast, gradient checkpointing, W&B offline.
 
 Each cell (recipe x engine: one process, 2 DDP processes, ZeRO-2, ZeRO-3 and, for 70b, FSDP2 over 2
-processes) trains on the real tiny LLaMA, is killed mid-step, resumes, and then goes through every tool on its
-adapter: generate.py, evaluate.py (loss and MMLU), merge_and_export.py in all three formats (each export reloaded
-by the loader its users have: transformers, peft, nola) — every one exiting 0 without a traceback.
+processes) trains on the real tiny LLaMA, with the adapter's dtypes recorded inside every forward. Every engine's
+checkpoint is killed mid-step and resumed in one cell (KILLED: five cells that cover the five engines and the three
+recipes); each recipe's adapter then goes through every tool once, where the engine no longer matters (the adapter
+file is the same format whatever wrote it): generate.py, evaluate.py (loss and MMLU), merge_and_export.py in all
+three formats (each export reloaded by the loader its users have: transformers, peft, nola) — every one exiting 0
+without a traceback.
 
 Tolerances of the export checks (the reference is the adapter model as trained: nf4 from bf16 weights, bf16
 embeddings and head, bf16 autocast, whose logits are bf16 — one ulp is 2^-7 of their magnitude):
@@ -39,17 +42,25 @@ ENGINES = {"one": None, "ddp": TWO_PROCESSES["ddp-config"], "zero2": TWO_PROCESS
 # FSDP2 flattens the packed 4-bit weights with the rest of a layer: only the recipes that store them as bfloat16
 # (the 70b ones) run under it; the others are refused in one line (tests/test_fsdp.py).
 CELLS = [(r, e) for e in ENGINES for r in RECIPES if e != "fsdp" or r == "70b"]
+# Killed mid-step and resumed: each engine once (its own checkpoint writer and reader), each recipe at least once.
+KILLED = [("7b", "one"), ("7b", "zero2"), ("70b", "ddp"), ("70b", "fsdp"), ("7b_lora", "zero3")]
+TOOLED = [("7b", "zero2"), ("70b", "fsdp"), ("7b_lora", "zero3")]  # each recipe's adapter through every tool
 STEPS, KILLED_AT = 20, 15  # enough steps for the adapters to move the logits well above bf16 noise
+PLAIN_STEPS = 6  # a cell that is neither killed nor tooled: the engine trains the recipe, checkpoints and evaluates
 MMLU_EXAMPLES = 8
 
 
-def sizes(engine: str) -> list[str]:
-    """Steps, batch and sequence sizes: 8 sequences a step on any split."""
+def steps_of(cell: tuple[str, str]) -> int:
+    return STEPS if cell in KILLED or cell in TOOLED else PLAIN_STEPS
+
+
+def sizes(engine: str, steps: int) -> list[str]:
+    """Steps, batch and sequence sizes: 8 sequences a step on any split; a checkpoint and an eval half-way."""
     micro_batch = 4 if ENGINES[engine] is None else 2
-    return [f"train.max_steps={STEPS}", "train.save_steps=10", "train.eval_steps=10", "train.logging_steps=1",
-            f"train.micro_batch_size={micro_batch}", "train.grad_accum_steps=2", "train.eval_max_batches=2",
-            "data.validation_size=16", "data.source_max_len=96", "data.target_max_len=64",
-            f"mmlu.max_examples={MMLU_EXAMPLES}", "mmlu.max_length=256"]
+    return [f"train.max_steps={steps}", f"train.save_steps={steps // 2}", f"train.eval_steps={steps // 2}",
+            "train.logging_steps=1", f"train.micro_batch_size={micro_batch}", "train.grad_accum_steps=2",
+            "train.eval_max_batches=2", "data.validation_size=16", "data.source_max_len=96",
+            "data.target_max_len=64", f"mmlu.max_examples={MMLU_EXAMPLES}", "mmlu.max_length=256"]
 
 
 def paths(output_dir) -> list[str]:
@@ -58,24 +69,44 @@ def paths(output_dir) -> list[str]:
             f"mmlu.path={shared_data('mmlu/zero_shot_mmlu_val.json')}", f"train.output_dir={output_dir}"]
 
 
-def train(cache_dir, recipe: str, engine: str, output_dir, **environment: str):
+def train(cache_dir, recipe: str, engine: str, output_dir, steps: int = STEPS, **environment: str):
     """train_llama.py RECIPE through the dtype recorder, under the engine's launcher."""
     launcher = accelerate(*ENGINES[engine]) if ENGINES[engine] else None
     return run_script(cache_dir, "tests/record_forward_dtypes.py", f"recipes/{recipe}.yaml", *paths(output_dir),
-                      *sizes(engine), *environment.pop("extra", ()), launcher=launcher, check=False,
+                      *sizes(engine, steps), *environment.pop("extra", ()), launcher=launcher, check=False,
                       environment={"NOLA_DTYPE_RECORD": str(output_dir / "dtypes"), **environment})
 
 
-@pytest.fixture(scope="module", params=CELLS, ids=lambda p: f"{p[0]}-{p[1]}")
-def cell(request, cache_dir, tmp_path_factory):
-    """A run of the recipe on the engine, SIGKILLed in the middle of step 5 and resumed to the end."""
-    recipe, engine = request.param
-    output_dir = tmp_path_factory.mktemp(f"{recipe}-{engine}")
-    killed = train(cache_dir, recipe, engine, output_dir, NOLA_FAILPOINT=f"micro-batch@{KILLED_AT}")
-    finished_when_killed = (output_dir / "adapter").exists()
-    resumed = train(cache_dir, recipe, engine, output_dir, extra=["train.resume_from=auto"])
-    return {"recipe": recipe, "engine": engine, "output": output_dir, "killed": killed, "resumed": resumed,
-            "finished_when_killed": finished_when_killed}
+def cell_id(cell: tuple[str, str]) -> str:
+    return f"{cell[0]}-{cell[1]}"
+
+
+@pytest.fixture(scope="module")
+def cells(cache_dir, tmp_path_factory):
+    """Each cell's run, made once for every test that names the cell: the recipe on the engine; a KILLED cell's
+    run is SIGKILLed in the middle of step KILLED_AT and resumed to the end."""
+    made = {}
+
+    def run(key: tuple[str, str]) -> dict:
+        if key not in made:
+            recipe, engine = key
+            output_dir = tmp_path_factory.mktemp(f"{recipe}-{engine}")
+            steps = steps_of(key)
+            made[key] = {"recipe": recipe, "engine": engine, "output": output_dir, "steps": steps}
+            if key in KILLED:
+                killed = train(cache_dir, recipe, engine, output_dir, NOLA_FAILPOINT=f"micro-batch@{KILLED_AT}")
+                made[key].update(killed=killed, finished_when_killed=(output_dir / "adapter").exists())
+                made[key]["resumed"] = train(cache_dir, recipe, engine, output_dir, extra=["train.resume_from=auto"])
+            else:
+                made[key]["resumed"] = train(cache_dir, recipe, engine, output_dir, steps)
+        return made[key]
+
+    return run
+
+
+@pytest.fixture
+def cell(cells, request) -> dict:
+    return cells(request.param)
 
 
 def assert_clean(completed, what: str) -> None:
@@ -83,19 +114,29 @@ def assert_clean(completed, what: str) -> None:
     assert "Traceback" not in completed.stderr, f"{what}:\n{completed.stderr[-3000:]}"
 
 
+@pytest.mark.parametrize("cell", CELLS, indirect=True, ids=cell_id)
+def test_every_engine_trains_every_recipe_to_its_end(cell):
+    assert_clean(cell["resumed"], "the run")
+    rows = metrics(cell["output"])
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, cell["steps"] + 1))
+    assert all(row["seconds_per_step"] > 0 for row in rows if "loss" in row)
+    summary = json.loads((cell["output"] / "run.json").read_text())
+    assert summary["steps"] == cell["steps"] and summary["mmlu_examples"] == MMLU_EXAMPLES
+    assert 0 <= summary["mmlu_accuracy"] <= 1 and 0 <= summary["mmlu_micro_accuracy"] <= 1
+    assert summary["final_eval_loss"] == pytest.approx([r for r in rows if "eval_loss" in r][-1]["eval_loss"])
+    assert (cell["output"] / "checkpoints" / f"step-{cell['steps'] // 2}").is_dir()
+
+
+@pytest.mark.parametrize("cell", KILLED, indirect=True, ids=cell_id)
 def test_a_killed_run_resumes_and_ends_like_one_run(cell):
     assert cell["killed"].returncode != 0 and not cell["finished_when_killed"]
     assert_clean(cell["resumed"], "the resumed run")
     assert "checkpoints/step-10" in cell["resumed"].stdout  # resumed from the step-10 checkpoint, not from scratch
     rows = metrics(cell["output"])
-    assert [row["step"] for row in rows if "loss" in row] == list(range(1, STEPS + 1))
-    assert all(row["seconds_per_step"] > 0 for row in rows if "loss" in row)
-    summary = json.loads((cell["output"] / "run.json").read_text())
-    assert summary["steps"] == STEPS and summary["mmlu_examples"] == MMLU_EXAMPLES
-    assert 0 <= summary["mmlu_accuracy"] <= 1 and 0 <= summary["mmlu_micro_accuracy"] <= 1
-    assert summary["final_eval_loss"] == pytest.approx([r for r in rows if "eval_loss" in r][-1]["eval_loss"])
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, STEPS + 1))  # none lost or repeated
 
 
+@pytest.mark.parametrize("cell", CELLS, indirect=True, ids=cell_id)
 def test_the_adapter_computes_in_float32_under_bf16_autocast_on_every_engine(cell):
     """DeepSpeed's own bf16 mode would cast the coefficients (and so A = A0 + Σ αᵢUᵢ) to bf16; nola keeps every
     trained tensor and the materialised A and B in float32, the forward under bf16 autocast, on every engine."""
@@ -124,6 +165,7 @@ def logit_check(output: str) -> tuple[float, float, float]:
     return tuple(float(value) for value in found.groups())
 
 
+@pytest.mark.parametrize("cell", TOOLED, indirect=True, ids=cell_id)
 def test_every_tool_works_on_what_the_recipe_produced(cell, capsys, tmp_path):
     base, adapter = shared_data("stories260K-hf"), cell["output"] / "adapter"
     answers = run_main(capsys, "generate", "--base", base, "--adapter", adapter, "--prompt", "Name three colours.",

@@ -97,12 +97,14 @@ def test_a_job_trains_and_writes_its_adapter(slurm, tmp_path, script):
     assert [p.name.endswith(f"-nola-{job}") for p in (output / "wandb").glob("offline-run-*")] == [True]
 
 
-# engine: (NOLA_ACCELERATE_CONFIG or None for launch.sh's default DDP, max_steps, what the launch's JSON line says,
-# further recipe overrides)
+# engine: (NOLA_ACCELERATE_CONFIG or None for launch.sh's default DDP, what the launch's JSON line says, further
+# recipe overrides). Each run holds after step HELD_AT (a failpoint: it waits there for the scheduler's signal), so
+# the preemption lands mid-run however slow the machine, and the run needs only a few steps beyond it.
+HELD_AT, MAX_STEPS = 10, 14
 REQUEUED = {
-    "ddp": (None, 150, '"processes": 2', []),
-    "ddp-packed": (None, 120, '"packed_length": 192', ["data.packing=true"]),
-    "fsdp2": ("recipes/accelerate/fsdp.yaml", 20, '"distributed_type": "FSDP2", "processes": 2', []),
+    "ddp": (None, '"processes": 2', []),
+    "ddp-packed": (None, '"packed_length": 192', ["data.packing=true"]),
+    "fsdp2": ("recipes/accelerate/fsdp.yaml", '"distributed_type": "FSDP2", "processes": 2', []),
 }
 
 
@@ -111,13 +113,15 @@ def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm,
     """Preempted (scontrol requeue) after its step-10 checkpoint, the job restarts and `train.resume_from=auto`
     continues from its newest checkpoint: DDP on the tiny recipe (padded, and packed: the packed rows of an epoch
     are rebuilt from its seed), FSDP2 (lean sharded load) on a scaled-down 70b."""
-    config, max_steps, launch_line, overrides = REQUEUED[engine]
-    environment = {**slurm, "NOLA_ACCELERATE_CONFIG": config} if config else slurm
+    config, launch_line, overrides = REQUEUED[engine]
+    max_steps = MAX_STEPS
+    environment = {**slurm, "NOLA_FAILPOINT": f"hold-after@{HELD_AT}",
+                   **({"NOLA_ACCELERATE_CONFIG": config} if config else {})}
     recipe = train_70b() if engine == "fsdp2" else TRAIN
     output, log = tmp_path / "run", tmp_path / "job.out"
     job = submit(environment, "train_1node.sbatch", log, *recipe, *overrides, f"train.max_steps={max_steps}",
                  "train.save_steps=5", "train.logging_steps=1", f"train.output_dir={output}")
-    wait_until(slurm, job, log, lambda: (output / "checkpoints" / "step-10").is_dir())
+    wait_until(slurm, job, log, lambda: (output / "checkpoints" / f"step-{HELD_AT}").is_dir())
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)  # preempted mid-run, as a scheduler would
     start_requeued_job(slurm, job, log)
     wait_until(slurm, job, log, lambda: job_state(slurm, job) == "COMPLETED")
@@ -138,8 +142,8 @@ def test_the_time_limit_signal_checkpoints_then_requeues_losing_no_step(slurm, t
     """SIGUSR1 to the batch shell, as `--signal=B:USR1@300` sends it before the time limit: the training processes
     checkpoint their last completed step (no periodic checkpoint exists), the job requeues itself and resumes there."""
     output, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm, "train_1node.sbatch", log, *TRAIN, "train.max_steps=150", "train.save_steps=1000",
-                 "train.logging_steps=1", f"train.output_dir={output}")
+    job = submit({**slurm, "NOLA_FAILPOINT": "hold-after@5"}, "train_1node.sbatch", log, *TRAIN,
+                 "train.max_steps=8", "train.save_steps=1000", "train.logging_steps=1", f"train.output_dir={output}")
     metrics = output / "metrics.jsonl"
     wait_until(slurm, job, log, lambda: metrics.is_file() and '"step": 5,' in metrics.read_text())
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
@@ -148,7 +152,7 @@ def test_the_time_limit_signal_checkpoints_then_requeues_losing_no_step(slurm, t
     text = log.read_text()
     assert "nola: time limit near: checkpointing, then requeueing" in text
     resumed = re.findall(r'"resumed_from": "[^"]*/checkpoints/step-(\d+)"', text)
-    assert len(resumed) == 1 and 5 <= int(resumed[0]) < 150, "\n".join(l for l in text.splitlines() if "train:" not in l)[-4000:]
-    assert json.loads((output / "run.json").read_text())["steps"] == 150
+    assert len(resumed) == 1 and 5 <= int(resumed[0]) < 8, "\n".join(l for l in text.splitlines() if "train:" not in l)[-4000:]
+    assert json.loads((output / "run.json").read_text())["steps"] == 8
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
-    assert steps == list(range(1, 151)), "steps were lost or repeated across the requeue"
+    assert steps == list(range(1, 9)), "steps were lost or repeated across the requeue"

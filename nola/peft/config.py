@@ -69,8 +69,8 @@ class NolaConfig(PeftConfig):
     generator_version: str = field(default=GENERATOR_VERSION, metadata={"help": "the basis generator's version"})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.peft_type = PEFT_TYPE
+        # nola's refusals first: PEFT's own checks (peft 0.22 refuses layers_to_transform with a string
+        # target_modules in its words) would otherwise speak before ours, on some PEFT versions and not others
         if self.generator_version != GENERATOR_VERSION:
             raise NolaError(f"NolaConfig: basis generator {self.generator_version!r} differs from this nola's "
                             f"{GENERATOR_VERSION!r}; the adapter's bases cannot be regenerated")
@@ -79,6 +79,8 @@ class NolaConfig(PeftConfig):
                             f"{self.target_modules!r} (PEFT would adapt every layer)")
         if self.target_parameters:
             raise NolaError("NolaConfig.target_parameters: NOLA adapts Linear modules, not bare parameters")
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
         self.adapter_config()  # validates, in nola's words
 
     @classmethod

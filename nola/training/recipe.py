@@ -58,7 +58,7 @@ from nola.training.distributed import (
     make_accelerator,
     use_deferred_projection,
 )
-from nola.training.failpoints import armed, kill_if_armed
+from nola.training.failpoints import armed, hold_if_armed, kill_if_armed
 from nola.training.fsdp import fsdp_launch, load_sharded_model
 from nola.training.optim import make_optimizer, make_scheduler, skip_update
 from nola.training.preflight import RunPlan, plan_run
@@ -309,6 +309,7 @@ class FineTuneRecipe:
             grad_norm, skipped = self.update(result)
             self.count(result, skipped)
             self.periodic(grad_norm)
+            hold_if_armed("hold-after", self.state.step, lambda: self.stop.received is not None)
         self.progress_bar.close()
 
     def accumulate(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:

@@ -87,7 +87,7 @@ class LogWindow:
     each line reports its own window, not the run's average."""
 
     first_step: int
-    start: float = field(default_factory=time.perf_counter)
+    start: float = field(default_factory=lambda: time.perf_counter())  # the clock of the call, as in rates()
     weighted_loss: float = 0.0  # Σ step loss x its response tokens, over the steps that updated
     loss_tokens: int = 0
     tokens: int = 0  # attended tokens of every step, skipped ones included (they cost the same time)
