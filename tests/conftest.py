@@ -173,6 +173,31 @@ def run_train(cache_dir, *arguments, launcher=(), check=True, timeout=900, **env
                       environment=environment)
 
 
+def entry_point(name: str):
+    """The main() of train_llama.py or scripts/<name>.py, for running it in this process: the path users run,
+    without a Python start-up (and its imports) per case."""
+    import importlib.util
+
+    path = REPO_ROOT / ("train_llama.py" if name == "train" else f"scripts/{name}.py")
+    spec = importlib.util.spec_from_file_location(f"entry_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_main(capsys, name: str, *arguments, stdin: str | None = None) -> str:
+    """scripts/NAME.py's main() in this process: its standard output, or the test fails with what it printed unless
+    it exited 0 without a traceback."""
+    import io
+    from unittest import mock
+
+    with mock.patch.object(sys, "stdin", io.StringIO(stdin or "")):
+        code = entry_point(name)([str(a) for a in arguments])
+    captured = capsys.readouterr()
+    assert code == 0, f"{name} exited {code}:\n{captured.err[-3000:]}"
+    return captured.out
+
+
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

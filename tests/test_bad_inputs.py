@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import importlib.util
 import json
 import os
 import shutil
@@ -19,20 +18,11 @@ import pytest
 from nola.adapter_io import CONFIG_FILE, WEIGHTS_FILE, file_sha256
 from nola.errors import NolaError
 from nola.training.run_lock import acquire_run_lock
-from tests.conftest import REPO_ROOT, run_train, tiny_llama
+from tests.conftest import REPO_ROOT, entry_point, run_train, tiny_llama
 
 TINY = str(REPO_ROOT / "recipes" / "tiny.yaml")
 QUIET = ["train.sample_generations=0", "log.wandb_mode=disabled", "train.max_steps=2", "train.save_steps=2",
          "train.eval_steps=2"]
-
-
-def entry_point(name: str):
-    """The main() of train_llama.py or scripts/<name>.py."""
-    path = REPO_ROOT / ("train_llama.py" if name == "train" else f"scripts/{name}.py")
-    spec = importlib.util.spec_from_file_location(f"entry_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")

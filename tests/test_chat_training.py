@@ -13,8 +13,7 @@ from nola.adapter_io import read_adapter
 from nola.data import IGNORE_INDEX, load_records, prepare_data
 from nola.data.conversations import generation_prompt
 from nola.inference import trained_prompt_template
-from tests.conftest import REPO_ROOT, metrics, run_train, shared_data
-from tests.test_bad_inputs import entry_point
+from tests.conftest import REPO_ROOT, entry_point, metrics, run_train, shared_data
 
 CHAT = ["recipes/7b_chat.yaml", "model.name_or_path=embedded:tiny-llama", "model.config_json=null",
         "train.max_steps=6", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.eval_steps=6",

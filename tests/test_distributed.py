@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, free_port, metrics, run_train, shared_data
+from tests.conftest import REPO_ROOT, entry_point, free_port, metrics, run_train, shared_data
 
 pytestmark = pytest.mark.slow  # every test launches two or more processes: `make test-all`
 
@@ -105,20 +105,28 @@ def test_a_checkpoint_resumes_on_another_process_count(cache_dir, single, tmp_pa
     assert_same_adapter(adapter(back), adapter(single))
 
 
-def test_resuming_with_another_global_batch_is_refused(cache_dir, single, tmp_path):
-    completed = run_train(cache_dir, *COMMON, "train.micro_batch_size=4", f"train.output_dir={tmp_path / 'out'}",
-                          f"train.resume_from={single / 'checkpoints' / 'step-2'}", check=False)
-    assert completed.returncode == 2
-    assert completed.stderr.strip().splitlines()[-1].startswith("error: train.resume_from:")
-    assert "global_batch=8, this run has global_batch=4" in completed.stderr
+def refused_resume(cache_dir, single, tmp_path, monkeypatch, capsys, *overrides: str) -> str:
+    """The last line of a run (in this process: a refusal needs no fresh one) resuming `single`'s step-2
+    checkpoint with `overrides`, which must exit 2 writing nothing."""
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
+    output = tmp_path / "out"
+    code = entry_point("train")([*COMMON, *overrides, f"train.output_dir={output}",
+                                 f"train.resume_from={single / 'checkpoints' / 'step-2'}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and not output.exists(), error[-3000:]
+    return error.splitlines()[-1]
 
 
-def test_resuming_with_another_data_order_is_refused(cache_dir, single, tmp_path):
-    completed = run_train(cache_dir, *COMMON, "train.micro_batch_size=8", "data.group_by_length=false",
-                          f"train.output_dir={tmp_path / 'out'}",
-                          f"train.resume_from={single / 'checkpoints' / 'step-2'}", check=False)
-    assert completed.returncode == 2
-    assert "group_by_length=True, this run has group_by_length=False" in completed.stderr.strip().splitlines()[-1]
+def test_resuming_with_another_global_batch_is_refused(cache_dir, single, tmp_path, monkeypatch, capsys):
+    line = refused_resume(cache_dir, single, tmp_path, monkeypatch, capsys, "train.micro_batch_size=4")
+    assert line.startswith("error: train.resume_from:")
+    assert "global_batch=8, this run has global_batch=4" in line
+
+
+def test_resuming_with_another_data_order_is_refused(cache_dir, single, tmp_path, monkeypatch, capsys):
+    line = refused_resume(cache_dir, single, tmp_path, monkeypatch, capsys, "train.micro_batch_size=8",
+                          "data.group_by_length=false")
+    assert "group_by_length=True, this run has group_by_length=False" in line
 
 
 def test_two_machines_on_one_host(cache_dir, single, tmp_path):
@@ -200,8 +208,6 @@ def test_packed_rows_train_alike_under_zero2(cache_dir, single_packed, tmp_path)
     assert_same_adapter(adapter(output), adapter(single_packed))
 
 
-def test_resuming_an_unpacked_checkpoint_packed_is_refused(cache_dir, single, tmp_path):
-    completed = run_train(cache_dir, *COMMON, *PACKED, "train.micro_batch_size=8", f"train.output_dir={tmp_path}",
-                          f"train.resume_from={single / 'checkpoints' / 'step-2'}", check=False)
-    assert completed.returncode == 2
-    assert "packed_length=None, this run has packed_length=192" in completed.stderr.strip().splitlines()[-1]
+def test_resuming_an_unpacked_checkpoint_packed_is_refused(cache_dir, single, tmp_path, monkeypatch, capsys):
+    line = refused_resume(cache_dir, single, tmp_path, monkeypatch, capsys, *PACKED, "train.micro_batch_size=8")
+    assert "packed_length=None, this run has packed_length=192" in line

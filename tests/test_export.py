@@ -21,7 +21,7 @@ from nola.export import export_nola, export_peft_lora
 from nola.merge import INDEX_FILE, checkpoint_shards, linear_weight_modules, merge_checkpoint, read_headers
 from nola.modeling import ModelSection, load_model
 from tests.conftest import REPO_ROOT, run_script, shared_data, tiny_llama
-from tests.test_bad_inputs import entry_point
+from tests.conftest import entry_point
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7, 64, 3, 17, 88]])
 CONFIG = nola.AdapterConfig(rank=4, alpha=8, num_basis=32, seed=5)

@@ -23,7 +23,7 @@ from nola.modeling import load_model
 from nola.svd_init import dense_weight
 from nola.training.config import load_recipe
 from tests.conftest import REPO_ROOT, shared_data, tiny_llama
-from tests.test_bad_inputs import entry_point
+from tests.conftest import entry_point
 from tests.test_export import METHOD_CONFIGS, adapter_on, logits, with_random_coefficients
 from tests.test_svd_init import SVD, SVD_FA
 

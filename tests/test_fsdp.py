@@ -542,7 +542,7 @@ BAD_FSDP_RUNS = [  # (recipe, overrides, FSDP_* settings, message)
 def test_a_run_fsdp_cannot_serve_is_one_line(fsdp_environment, fresh_accelerate_state, cache_dir, tmp_path, capsys,
                                              recipe, overrides, settings, message):
     """train_llama.py's main() in this process, in the environment accelerate gives a rank of an FSDP launch."""
-    from tests.test_bad_inputs import entry_point
+    from tests.conftest import entry_point
 
     fsdp_environment.setenv("NOLA_CACHE_DIR", str(cache_dir))
     fsdp_environment.setenv("ACCELERATE_USE_FSDP", "true")

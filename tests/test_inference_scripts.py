@@ -1,5 +1,6 @@
 """scripts/generate.py and scripts/evaluate.py: an adapter and its merged export answer and score the same, and
-mistakes are one line."""
+mistakes are one line. The scripts' main() runs in this process (the path users run, without a Python start-up per
+call), but for one generate.py process fed on its standard input."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 
 import pytest
 
-from tests.conftest import run_script, shared_data
+from pathlib import Path
+
+from tests.conftest import entry_point, run_main, run_script, shared_data
 
 PROMPTS = ["What is the capital of Norland?", "Name an animal that is a bird.", "What is the opposite of hot?"]
 
@@ -21,44 +24,51 @@ def merged(cache_dir, embedded_adapter, tmp_path_factory):
     return out
 
 
-def responses(completed) -> list[dict]:
-    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+def responses(printed) -> list[dict]:
+    """The JSON lines a generate.py run printed (its captured output, or a completed process)."""
+    text = printed if isinstance(printed, str) else printed.stdout
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def in_process(cache_dir, monkeypatch):
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
 
 
 @pytest.mark.slow
-def test_adapter_and_merged_model_generate_the_same_greedy_answers(cache_dir, embedded_adapter, merged, tmp_path):
+def test_adapter_and_merged_model_generate_the_same_greedy_answers(cache_dir, embedded_adapter, merged, tmp_path,
+                                                                   in_process, capsys):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("\n".join(json.dumps({"instruction": p}) for p in PROMPTS) + "\n")
-    with_adapter = run_script(cache_dir, "scripts/generate.py", "--base", "embedded:tiny-llama", "--adapter",
-                              embedded_adapter, "--prompts-file", prompts_file, "--max-new-tokens", "12")
+    with_adapter = run_main(capsys, "generate", "--base", "embedded:tiny-llama", "--adapter", embedded_adapter,
+                            "--prompts-file", prompts_file, "--max-new-tokens", "12")
     from_stdin = run_script(cache_dir, "scripts/generate.py", "--base", merged, "--max-new-tokens", "12",
                             "--batch-size", "2", stdin="\n".join(PROMPTS) + "\n")
     answers = responses(with_adapter)
     assert [a["instruction"] for a in answers] == PROMPTS
     assert answers == responses(from_stdin)  # left-padded batches of 2 answer as batches of 8 do
-    base_answers = responses(run_script(cache_dir, "scripts/generate.py", "--base", "embedded:tiny-llama",
-                                        "--prompts-file", prompts_file, "--max-new-tokens", "12"))
+    base_answers = responses(run_main(capsys, "generate", "--base", "embedded:tiny-llama", "--prompts-file",
+                                      prompts_file, "--max-new-tokens", "12"))
     assert base_answers != answers, "the adapter changed no answer: vacuous comparison"
 
 
 @pytest.mark.slow
-def test_sampling_is_repeatable_with_its_seed(cache_dir, embedded_adapter):
-    arguments = ["scripts/generate.py", "--base", "embedded:tiny-llama", "--adapter", embedded_adapter,
+def test_sampling_is_repeatable_with_its_seed(embedded_adapter, in_process, capsys):
+    arguments = ["generate", "--base", "embedded:tiny-llama", "--adapter", embedded_adapter,
                  "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--temperature", "1.5", "--max-new-tokens", "16"]
-    first, again = (responses(run_script(cache_dir, *arguments, "--seed", "3")) for _ in range(2))
-    other = responses(run_script(cache_dir, *arguments, "--seed", "4"))
+    first, again = (responses(run_main(capsys, *arguments, "--seed", "3")) for _ in range(2))
+    other = responses(run_main(capsys, *arguments, "--seed", "4"))
     assert first == again and first != other
 
 
 @pytest.mark.slow
-def test_adapter_and_merged_model_score_the_same(cache_dir, embedded_adapter, merged, tmp_path):
+def test_adapter_and_merged_model_score_the_same(embedded_adapter, merged, tmp_path, in_process, capsys):
     from nola.embedded import instruction_records
 
     data = tmp_path / "eval.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in instruction_records(count=64, seed=9)) + "\n")
     scores = [
-        json.loads(run_script(cache_dir, "scripts/evaluate.py", *arguments, "--data", data,
-                              "--out", tmp_path / f"{index}.json").stdout)
+        json.loads(run_main(capsys, "evaluate", *arguments, "--data", data, "--out", tmp_path / f"{index}.json"))
         for index, arguments in enumerate([["--base", "embedded:tiny-llama", "--adapter", embedded_adapter],
                                            ["--base", merged]])
     ]
@@ -68,11 +78,10 @@ def test_adapter_and_merged_model_score_the_same(cache_dir, embedded_adapter, me
 
 
 @pytest.mark.slow
-def test_mmlu_from_a_local_qlora_format_file(cache_dir, embedded_adapter):
+def test_mmlu_from_a_local_qlora_format_file(embedded_adapter, in_process, capsys):
     path = shared_data("mmlu/zero_shot_mmlu_val.json")
-    completed = run_script(cache_dir, "scripts/evaluate.py", "--base", "embedded:tiny-llama", "--adapter",
-                           embedded_adapter, "--mmlu", path, "--mmlu-max-examples", "24")
-    result = json.loads(completed.stdout)
+    result = json.loads(run_main(capsys, "evaluate", "--base", "embedded:tiny-llama", "--adapter", embedded_adapter,
+                                 "--mmlu", path, "--mmlu-max-examples", "24"))
     assert result["mmlu_examples"] == 24 and 0 <= result["mmlu_accuracy"] <= 1
     # The first 24 questions: 11 of abstract_algebra, 13 of anatomy. Macro is their mean, micro weighs by size.
     subjects = result["mmlu_subjects"]
@@ -95,19 +104,18 @@ def test_mmlu_from_a_local_qlora_format_file(cache_dir, embedded_adapter):
         ("scripts/generate.py", ["--prompt", "hi", "--adapter", "{tmp}"], "not a nola adapter directory"),
     ],
 )
-def test_script_mistakes_are_one_line(cache_dir, tmp_path, script, arguments, message):
+def test_script_mistakes_are_one_line(tmp_path, in_process, capsys, script, arguments, message):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "fine"}\n{"instruction": \n')
     given = [a.format(tmp=tmp_path) for a in arguments]
-    completed = run_script(cache_dir, script, "--base", "embedded:tiny-llama", *given, check=False)
-    lines = completed.stderr.strip().splitlines()
-    assert completed.returncode == 2 and len(lines) == 1 and message in lines[0], completed.stderr[-2000:]
+    code = entry_point(Path(script).stem)(["--base", "embedded:tiny-llama", *given])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="checks the message shown without it")
-def test_lm_eval_hand_off_without_the_harness_is_one_line(cache_dir):
-    completed = run_script(cache_dir, "scripts/evaluate.py", "--base", "embedded:tiny-llama", "--lm-eval-tasks",
-                           "arc_easy", check=False)
-    assert completed.returncode == 2
-    assert completed.stderr.strip() == ("error: --lm-eval-tasks: lm-evaluation-harness is not installed "
+def test_lm_eval_hand_off_without_the_harness_is_one_line(in_process, capsys):
+    code = entry_point("evaluate")(["--base", "embedded:tiny-llama", "--lm-eval-tasks", "arc_easy"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("error: --lm-eval-tasks: lm-evaluation-harness is not installed "
                                         "(pip install lm-eval)")

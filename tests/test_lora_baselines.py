@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import metrics, run_train, shared_data
-from tests.test_bad_inputs import entry_point
+from tests.conftest import entry_point
 from tests.test_distributed import TWO_PROCESSES, accelerate
 
 pytestmark = pytest.mark.slow  # every test trains the LoRA baselines in subprocesses: `make test-all`

@@ -29,8 +29,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import metrics, run_script, shared_data
-from tests.test_bad_inputs import entry_point
+from tests.conftest import metrics, run_main, run_script, shared_data
 from tests.test_distributed import TWO_PROCESSES, accelerate
 
 pytestmark = pytest.mark.slow  # every shipped recipe on every engine, killed and resumed: `make test-all`
@@ -146,15 +145,6 @@ def test_the_adapter_computes_in_float32_under_bf16_autocast_on_every_engine(cel
         assert seen, "no adapted forward was recorded"
         assert {(s["parameter"], s["a"], s["b"]) for s in seen} == {("torch.float32",) * 3}, seen
         assert any(s["autocast"] for s in seen), "the training forward did not run under bf16 autocast"
-
-
-def run_main(capsys, name: str, *arguments) -> str:
-    """scripts/NAME.py's main() in this process (the path users run, without a second Python start-up): exit code 0
-    and no traceback, or the test fails with what it printed."""
-    code = entry_point(name)([str(a) for a in arguments])
-    captured = capsys.readouterr()
-    assert code == 0, f"{name} exited {code}:\n{captured.err[-3000:]}"
-    return captured.out
 
 
 def logit_check(output: str) -> tuple[float, float, float]:

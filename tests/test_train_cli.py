@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT, metrics, shared_data
 from tests.conftest import run_train as train
+from tests.conftest import entry_point
+from tests.test_bad_inputs import assert_one_line_error
 
 
 def test_tiny_recipe_learns_end_to_end(cache_dir, tmp_path):
@@ -136,23 +138,33 @@ def test_dry_run_of_the_70b_recipe_prints_the_paper_count():
     assert sharded == sorted(sharded, reverse=True) and sharded[0] < report["estimated_gpu_memory_gib"]
 
 
+def test_a_cli_mistake_ends_the_process_with_exit_code_2_and_one_line(cache_dir, tmp_path):
+    """The process as a user sees it: exit code 2, the error the last line of stderr, alone, no traceback."""
+    output = tmp_path / "out"
+    completed = train(cache_dir, "recipes/tiny.yaml", "train.max_step=3", f"train.output_dir={output}", check=False)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    # Library chatter (progress bars, warnings) may come first; the error is the last line, alone, no traceback.
+    lines = completed.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "did you mean 'train.max_steps'" in errors[0], completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
+    assert not output.exists(), "a failed run left an output directory behind"
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["recipes/missing.yaml"], "recipes/missing.yaml: no such recipe file"),
-        (["recipes/tiny.yaml", "train.max_step=3"], "did you mean 'train.max_steps'"),
         (["recipes/tiny.yaml", "data.path=/no/such/data.json"], "/no/such/data.json"),
         (["recipes/tiny.yaml", "model.name_or_path=/no/such/model"], "model.name_or_path: no such directory"),
         (["recipes/tiny.yaml", "adapter.target_modules=[attention]"], "matches no Linear layer"),
     ],
 )
-def test_cli_mistakes_are_one_line_with_exit_code_2(cache_dir, tmp_path, arguments, message):
+def test_cli_mistakes_are_one_line_with_exit_code_2(cache_dir, tmp_path, monkeypatch, capsys, arguments, message):
+    """train_llama.py's main() in this process (what the process above runs, without a Python start-up each)."""
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(cache_dir))
     output = tmp_path / "out"
-    completed = train(cache_dir, *arguments, f"train.output_dir={output}", "log.wandb_mode=disabled", check=False)
-    assert completed.returncode == 2, completed.stderr[-2000:]
-    # Library chatter (progress bars, warnings) may come first; the error is the last line, alone, no traceback.
-    lines = completed.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == lines[-1:] and message in errors[0], completed.stderr[-2000:]
-    assert "Traceback" not in completed.stderr
+    code = entry_point("train")([*arguments, f"train.output_dir={output}", "log.wandb_mode=disabled"])
+    assert_one_line_error(code, capsys.readouterr().err, message)
     assert not output.exists(), "a failed run left an output directory behind"

@@ -64,3 +64,20 @@ def test_the_checkpoints_own_config_wins_over_config_json(tmp_path):
     assert config.hidden_size == 48
     offline = load_model_config(ModelSection(name_or_path="meta-llama/Llama-2-7b-hf", config_json=str(elsewhere)))
     assert offline.hidden_size == 4096
+
+
+def test_a_run_held_by_its_failpoint_waits_for_a_stop_request_and_only_at_its_step(monkeypatch):
+    """The hold-after failpoint (SLURM and signal tests preempt a run there, whatever the machine's speed)."""
+    from nola.training.failpoints import hold_if_armed
+
+    monkeypatch.setenv("NOLA_FAILPOINT", "hold-after@3")
+    asked = []
+
+    def stop_requested() -> bool:
+        asked.append(True)
+        return len(asked) >= 3
+
+    hold_if_armed("hold-after", 2, stop_requested)
+    assert not asked  # another step: no wait
+    hold_if_armed("hold-after", 3, stop_requested)
+    assert len(asked) == 3  # waited until the third look found the stop request

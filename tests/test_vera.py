@@ -20,7 +20,7 @@ from nola.errors import NolaError
 from nola.methods.vera import VERA_D_INITIAL
 from nola.matrices import vera_bound, vera_matrices, vera_projection
 from tests.conftest import run_train, shared_data, tiny_llama
-from tests.test_bad_inputs import entry_point
+from tests.conftest import entry_point
 
 CONFIG = nola.AdapterConfig(method="vera", rank=16, alpha=16, seed=3)
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 8, 4]])
