@@ -304,14 +304,22 @@ def _kernels() -> dict:
             "mkl_cbwr": os.environ.get("MKL_CBWR"), "torch": torch.__version__}
 
 
-def _die_with_parent() -> None:
-    """In the build's child, before it starts: the kernel kills it when its parent dies. A parent killed outright
-    (SIGKILL, a test's timeout) runs no cleanup, and an orphaned build would compute on beside the next one."""
+def _die_with_parent(parent_pid: int) -> None:
+    """In the build's child, first thing: the kernel kills it when its parent dies. A parent killed outright
+    (SIGKILL, a test's timeout) runs no cleanup, and an orphaned build would compute on beside the next one. (Set
+    here rather than in a preexec_fn, which is unsafe in a parent with threads; a parent already gone is checked.)"""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _build_in_child(target: str, pretrain_steps: str, parent_pid: str) -> None:
+    _die_with_parent(int(parent_pid))
+    _build_here(target, int(pretrain_steps))
 
 
 def _build(target: Path, pretrain_steps: int = PRETRAIN_STEPS) -> None:
@@ -320,11 +328,11 @@ def _build(target: Path, pretrain_steps: int = PRETRAIN_STEPS) -> None:
     minutes); a failure raises NolaError with the child's last output."""
     package_parent = str(Path(__file__).resolve().parents[1])  # the child imports this very nola
     path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-c", "import sys; from nola.embedded import _build_here; "
-               "_build_here(sys.argv[1], int(sys.argv[2]))", str(target), str(pretrain_steps)]
+    command = [sys.executable, "-c", "import sys; from nola.embedded import _build_in_child; "
+               "_build_in_child(*sys.argv[1:])", str(target), str(pretrain_steps), str(os.getpid())]
     last_lines: deque[str] = deque(maxlen=40)
     with subprocess.Popen(command, env={**os.environ, **PINNED_KERNELS, "PYTHONPATH": path}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent) as child:
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as child:
         try:
             for line in child.stdout:
                 if line.startswith(PROGRESS):

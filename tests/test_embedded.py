@@ -134,8 +134,8 @@ def test_make_train_runs_on_the_kernels_the_build_is_pinned_to():
 # torch picks them (ATEN_CPU_CAPABILITY and OMP_NUM_THREADS, which the pins override), the instruction sets MKL may
 # use (MKL_ENABLE_INSTRUCTIONS, not pinned: an older CPU) and its cores (the CPU affinity the child inherits: a
 # one-core machine). Each is (threads, ATen kernels, MKL instructions, cores).
-PINNED_BUILD_SETTINGS = [(2, None, None, None), (1, "avx2", None, {0}), (4, "default", "AVX2", None),
-                         (2, None, "SSE4_2", {1})]
+PINNED_BUILD_SETTINGS = [(2, None, None, None), (1, "avx2", None, (0,)), (4, "default", "AVX2", None),
+                         (2, None, "SSE4_2", (1,))]
 SMALL_BUILD = """
 import json, sys
 from pathlib import Path
@@ -188,7 +188,7 @@ def test_the_build_is_byte_identical_whatever_the_machine_it_runs_on(tmp_path):
     builds = [_small_build(tmp_path, *setting) for setting in PINNED_BUILD_SETTINGS]
     reference = builds[0]["digests"]
     assert {"tiny-instructions.json", "tiny-llama/model.safetensors", "tiny-llama/tokenizer.model"} <= set(reference)
-    differing = {setting: sorted(name for name in reference if build["digests"].get(name) != reference[name])
+    differing = {str(setting): sorted(name for name in reference if build["digests"].get(name) != reference[name])
                  for setting, build in zip(PINNED_BUILD_SETTINGS, builds)}
     assert not any(differing.values()), differing
     # ...because it ran on the pinned kernels, not the caller's: what its pre-training recorded...
