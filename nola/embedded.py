@@ -5,7 +5,7 @@ synthetic world (capitals, opposites, animal classes, colours, animals of a clas
 
   * `embedded:tiny-instructions`: ~3,000 Alpaca-format records (JSON list) asking about that world;
   * `embedded:tiny-llama`: a 4-layer LLaMA (hidden 128, 2 KV heads, ~1M weights) with a 1,000-piece SentencePiece
-    tokenizer (BPE, byte fallback, LLaMA's special ids), pre-trained (about four minutes on 2 cores) on plain prose
+    tokenizer (BPE, byte fallback, LLaMA's special ids), pre-trained (4.5 minutes on 2 idle cores) on plain prose
     about the same world, never on the instruction format.
 
 So the base "knows" the facts but not how to answer an instruction: that is what the adapter learns, as in the
