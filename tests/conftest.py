@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest

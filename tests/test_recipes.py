@@ -93,11 +93,10 @@ def cells(cache_dir, tmp_path_factory):
             steps = steps_of(key)
             made[key] = {"recipe": recipe, "engine": engine, "output": output_dir, "steps": steps}
             if key in KILLED:
-                killed = train(cache_dir, recipe, engine, output_dir, NOLA_FAILPOINT=f"micro-batch@{KILLED_AT}")
+                killed = train(cache_dir, recipe, engine, output_dir, steps, NOLA_FAILPOINT=f"micro-batch@{KILLED_AT}")
                 made[key].update(killed=killed, finished_when_killed=(output_dir / "adapter").exists())
-                made[key]["resumed"] = train(cache_dir, recipe, engine, output_dir, extra=["train.resume_from=auto"])
-            else:
-                made[key]["resumed"] = train(cache_dir, recipe, engine, output_dir, steps)
+            made[key]["finished"] = train(cache_dir, recipe, engine, output_dir, steps,
+                                          extra=["train.resume_from=auto"] if key in KILLED else [])
         return made[key]
 
     return run
@@ -115,7 +114,7 @@ def assert_clean(completed, what: str) -> None:
 
 @pytest.mark.parametrize("cell", CELLS, indirect=True, ids=cell_id)
 def test_every_engine_trains_every_recipe_to_its_end(cell):
-    assert_clean(cell["resumed"], "the run")
+    assert_clean(cell["finished"], "the run")
     rows = metrics(cell["output"])
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, cell["steps"] + 1))
     assert all(row["seconds_per_step"] > 0 for row in rows if "loss" in row)
@@ -129,8 +128,8 @@ def test_every_engine_trains_every_recipe_to_its_end(cell):
 @pytest.mark.parametrize("cell", KILLED, indirect=True, ids=cell_id)
 def test_a_killed_run_resumes_and_ends_like_one_run(cell):
     assert cell["killed"].returncode != 0 and not cell["finished_when_killed"]
-    assert_clean(cell["resumed"], "the resumed run")
-    assert "checkpoints/step-10" in cell["resumed"].stdout  # resumed from the step-10 checkpoint, not from scratch
+    assert_clean(cell["finished"], "the resumed run")
+    assert "checkpoints/step-10" in cell["finished"].stdout  # resumed from the step-10 checkpoint, not from scratch
     rows = metrics(cell["output"])
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, STEPS + 1))  # none lost or repeated
 

@@ -114,12 +114,11 @@ def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm,
     continues from its newest checkpoint: DDP on the tiny recipe (padded, and packed: the packed rows of an epoch
     are rebuilt from its seed), FSDP2 (lean sharded load) on a scaled-down 70b."""
     config, launch_line, overrides = REQUEUED[engine]
-    max_steps = MAX_STEPS
     environment = {**slurm, "NOLA_FAILPOINT": f"hold-after@{HELD_AT}",
                    **({"NOLA_ACCELERATE_CONFIG": config} if config else {})}
     recipe = train_70b() if engine == "fsdp2" else TRAIN
     output, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(environment, "train_1node.sbatch", log, *recipe, *overrides, f"train.max_steps={max_steps}",
+    job = submit(environment, "train_1node.sbatch", log, *recipe, *overrides, f"train.max_steps={MAX_STEPS}",
                  "train.save_steps=5", "train.logging_steps=1", f"train.output_dir={output}")
     wait_until(slurm, job, log, lambda: (output / "checkpoints" / f"step-{HELD_AT}").is_dir())
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)  # preempted mid-run, as a scheduler would
@@ -129,13 +128,13 @@ def test_a_requeued_job_resumes_from_its_checkpoint_in_the_same_wandb_run(slurm,
     assert f"nola: job {job} (restart 1)" in text
     assert text.count(launch_line) == 2, text[-4000:]  # both starts ran on this engine, 2 processes each
     resumed = re.findall(r'"resumed_from": "[^"]*/checkpoints/step-(\d+)"', text)
-    assert len(resumed) == 1 and 10 <= int(resumed[0]) < max_steps  # resumed mid-run, not after it finished
+    assert len(resumed) == 1 and 10 <= int(resumed[0]) < MAX_STEPS  # resumed mid-run, not after it finished
     runs = sorted(p.name for p in (output / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-nola-{job}") for name in runs)
-    assert json.loads((output / "run.json").read_text())["steps"] == max_steps
+    assert json.loads((output / "run.json").read_text())["steps"] == MAX_STEPS
     metrics = output / "metrics.jsonl"
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
-    assert steps == list(range(1, max_steps + 1)), "steps were lost or repeated across the requeue"
+    assert steps == list(range(1, MAX_STEPS + 1)), "steps were lost or repeated across the requeue"
 
 
 def test_the_time_limit_signal_checkpoints_then_requeues_losing_no_step(slurm, tmp_path):
