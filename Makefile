@@ -8,7 +8,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_
 PY := $(VENV)/bin/python
 # `make train` runs on the CPU kernels the embedded build is pinned to (nola/embedded.py PINNED_KERNELS; a test keeps
 # the two equal), so it prints the same figures on every x86-64 machine with this torch build, whatever its CPU and
-# cores. Unpinned, the same 150 steps end with 8 to 18 answers right out of 60, by the CPU's vector kernels
+# cores. Unpinned, the same 150 steps end with 0 to 7 answers right out of 60, by the CPU's vector kernels
 # (bench/results/embedded_default.json).
 PINNED := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 MKL_DYNAMIC=FALSE \
 	NOLA_BASIS_BACKEND=eager

@@ -15,7 +15,7 @@ Writes bench/results/embedded_default.json after each setting: per setting the b
 mode the first and final eval loss, the answers right out of 60, per family, and the seconds; then per mode the
 min/max over all settings and within each kernel set, which is what the README quotes.
 
-A fresh build takes about four minutes on 2 cores, so `--fresh-builds N` builds fresh for the first N settings and
+A fresh build takes about two minutes on 2 cores, so `--fresh-builds N` builds fresh for the first N settings and
 copies the first build for the rest (each row says which): the hashes of the fresh ones show whether the build moves.
 """
 

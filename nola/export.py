@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from nola.adapter_io import AdapterFile, pack_state, write_adapter, write_directory_atomically
-from nola.merge import adapter_factors
+from nola.lora_form import adapter_factors
 from nola.methods import method_for
 
 PEFT_CONFIG_FILE = "adapter_config.json"

@@ -4,7 +4,7 @@
 A 70B base does not fit in memory in fp32, and need not: each input shard is read tensor by tensor, each adapted
 weight is merged in fp32 and cast to the output dtype, and the output is written in shards planned up front from the
 input headers, so about one input tensor and one output shard are resident at a time. A and B come from the adapter
-file alone (coefficients + seeds regenerate them), never from a loaded model.
+file alone (nola/lora_form.py: coefficients + seeds regenerate them), never from a loaded model.
 
 A base that was 4-bit during training is merged into exactly the weights training saw: every Linear that
 bitsandbytes quantised (the adapter records which, and how) is quantised and dequantised the same way first. Only
@@ -30,8 +30,8 @@ from nola.adapter_io import (
     write_directory_atomically,
 )
 from nola.errors import NolaError
-from nola.inject import EMBEDDING_SAMPLE_COLUMNS, embedding_sample_rows, largest_shape
-from nola.methods import method_for
+from nola.inject import EMBEDDING_SAMPLE_COLUMNS, embedding_sample_rows
+from nola.lora_form import adapter_delta, trained_factors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -128,34 +128,6 @@ def check_base_checkpoint(base_dir: Path, adapter: AdapterFile, headers: dict) -
     if embedding and embedding["name"] in headers:
         shard, shape, _ = headers[embedding["name"]]
         check_embedding_sample(embedding, _embedding_sample(shard, embedding, shape), adapter.directory)
-
-
-def trained_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one adapted module in float32 (r × in, out × r), regenerated from the adapter file: exactly the
-    matrices the layer computes with."""
-    config = adapter.config
-    out_features, in_features = adapter.modules[name]
-    return method_for(config.method).matrices_from_values(config, adapter.module_values(name),
-                                                          config.module_seeds.get(name), out_features, in_features,
-                                                          largest_shape(adapter.modules.values()))
-
-
-def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B), float32, of the module's update relative to the original base weight: (alpha/r)·B·A is what the
-    adapter adds to it. For an SVD start that is B·A − B0·A0 (training subtracted B0·A0 from the base), the rank-2r
-    pair [B, −B0]·[A; A0], as PEFT converts PiSSA adapters."""
-    a, b = trained_factors(adapter, name)
-    residuals = residual_factors(adapter)
-    if residuals is None:
-        return a, b
-    a0, b0 = (t.float() for t in residuals[name])
-    return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
-
-
-def adapter_delta(adapter: AdapterFile, name: str) -> torch.Tensor:
-    """(alpha/r)·B·A of one adapted module relative to the original base weight, float32."""
-    a, b = adapter_factors(adapter, name)
-    return (b @ a) * adapter.config.scale
 
 
 def as_trained(weight: torch.Tensor, quantization: dict) -> torch.Tensor:

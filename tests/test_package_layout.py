@@ -11,7 +11,7 @@ from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "nola"
 METHOD_MODULES = ("basis", "fused", "autograd", "matrices", "layers", "quant", "inject", "svd_init", "adapter_config",
-                  "adapter_io", "methods/__init__", "methods/base", "methods/nola", "methods/lora", "methods/vera",
+                  "adapter_io", "lora_form", "methods/__init__", "methods/base", "methods/nola", "methods/lora", "methods/vera",
                   "peft/__init__", "peft/config", "peft/layer", "peft/model", "peft/convert")
 MAX_FUNCTION_LINES = 80
 
