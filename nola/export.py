@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from nola.adapter_io import AdapterFile, pack_state, write_adapter, write_directory_atomically
-from nola.lora_form import adapter_factors
+from nola.lora_form import adapter_factors, lora_rank
 from nola.methods import method_for
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -43,7 +43,7 @@ def export_peft_lora(adapter: AdapterFile, out_dir: Path, dtype: torch.dtype, ba
         a, b = adapter_factors(adapter, name)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (b * config.scale).to(dtype).contiguous()
-    rank = a.shape[0]  # the method's r, or 2r for a start that changed the base ([A; A0])
+    rank = lora_rank(adapter)
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -38,6 +38,12 @@ def adapter_factors(adapter: AdapterFile, name: str) -> tuple[torch.Tensor, torc
     return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
 
 
+def lora_rank(adapter: AdapterFile) -> int:
+    """The rank of the LoRA form, known from the adapter's settings alone: r, or 2r for a start that changed the
+    base ([A; A0]). What a server checks against the largest rank it serves, before materialising anything."""
+    return adapter.config.rank * (1 if residual_factors(adapter) is None else 2)
+
+
 def adapter_delta(adapter: AdapterFile, name: str) -> torch.Tensor:
     """(alpha/r)·B·A of one adapted module relative to the original base weight, float32."""
     a, b = adapter_factors(adapter, name)

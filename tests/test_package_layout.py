@@ -11,8 +11,9 @@ from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "nola"
 METHOD_MODULES = ("basis", "fused", "autograd", "matrices", "layers", "quant", "inject", "svd_init", "adapter_config",
-                  "adapter_io", "lora_form", "methods/__init__", "methods/base", "methods/nola", "methods/lora", "methods/vera",
-                  "peft/__init__", "peft/config", "peft/layer", "peft/model", "peft/convert")
+                  "adapter_io", "lora_form", "methods/__init__", "methods/base", "methods/nola", "methods/lora",
+                  "methods/vera", "peft/__init__", "peft/config", "peft/layer", "peft/model", "peft/convert",
+                  "serving/__init__", "serving/store", "serving/lora_cache")
 MAX_FUNCTION_LINES = 80
 
 
@@ -35,6 +36,17 @@ def test_the_method_modules_import_nothing_from_the_run_machinery():
                             capture_output=True, text=True, check=True).stdout
     assert "nola.training" not in loaded and "accelerate" not in loaded  # `import nola` is the method alone
     assert "'peft'" not in loaded and "'nola.peft'" not in loaded  # PEFT is an optional extra (nola[peft])
+
+
+def test_the_serving_modules_load_no_training_engine():
+    """A server process (vLLM's, with nola's adapter store) gets the method core only: none of the engines, data
+    or logging packages that training brings, and no nola.training."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, nola.serving.store, nola.serving.lora_cache; "
+                             "print(' '.join(sorted(sys.modules)))"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
+    engines = ("deepspeed", "bitsandbytes", "accelerate", "peft", "trl", "wandb", "datasets")
+    assert "nola.serving.lora_cache" in loaded
+    assert not [m for m in loaded if m.split(".")[0] in engines or m.startswith("nola.training")]
 
 
 def test_no_function_in_the_package_is_longer_than_a_screen():
