@@ -14,7 +14,8 @@
 #   - otherwise $NOLA_CPU_TORCH (default: that release, whose CPU wheel pip finds here); set $NOLA_TORCH_INDEX_URL
 #     to a CPU wheel index if your pip does not find a CPU build of it by itself.
 # NOLA_CONSTRAINTS=none installs the newest release of everything but torch instead (what `make
-# refresh-constraints` does, in a venv of its own).
+# refresh-constraints` does, in a venv of its own); torch stays at constraints.txt's release (or the venv's own),
+# since the newest torch on an index is a CUDA build that a CPU-only machine cannot use.
 # Idempotent: a second run with everything installed takes a second or two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +26,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv --system-site-packages "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
-pinned_torch=torch
-if [ "$CONSTRAINTS" != none ]; then
-  pinned_torch=$(grep -E '^torch==' "$CONSTRAINTS" || echo torch)
+torch_pins=$CONSTRAINTS
+if [ "$CONSTRAINTS" = none ]; then
+  torch_pins=constraints.txt
 fi
+pinned_torch=$(grep -E '^torch==' "$torch_pins" || echo torch)
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" install "$pinned_torch"
