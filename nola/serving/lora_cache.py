@@ -49,6 +49,8 @@ class ServedBase:
 
 
 class LoraCache:
+    """LoRA forms of adapters for one served base, in one dtype, up to `max_rank`, within `max_bytes` on disk."""
+
     def __init__(self, directory: str | Path, base: ServedBase, max_bytes: int, max_rank: int,
                  dtype: torch.dtype = torch.float32, recent_seconds: float = RECENT_SECONDS) -> None:
         self.directory = Path(directory)
@@ -84,6 +86,8 @@ class LoraCache:
     def evict(self, keep: Path | None = None) -> None:
         """Remove the least recently used entries until the cache fits `max_bytes`, sparing `keep`, entries used in
         the last `recent_seconds` and entries another request is making."""
+        for leftover in self.directory.glob(".evicted-*"):  # a process killed while it removed an entry
+            shutil.rmtree(leftover, ignore_errors=True)
         entries = [entry for path in self.directory.iterdir() if not path.name.startswith(".")
                    for entry in _described(path)]
         total = sum(size for _, size, _ in entries)
