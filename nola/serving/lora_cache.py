@@ -71,7 +71,8 @@ class LoraCache:
                              f"{self.max_rank}")
         entry = self.directory / self._entry_name(name, adapter_dir)
         with self._entry_lock(entry.name):
-            if not (entry / PEFT_CONFIG_FILE).is_file():
+            made = not (entry / PEFT_CONFIG_FILE).is_file()
+            if made:
                 try:
                     check_base_checkpoint(self.base.directory, adapter, self.base.headers)
                 except NolaError as error:
@@ -80,7 +81,8 @@ class LoraCache:
                                  linear_weight_modules(self.base.headers))
             now = time.time_ns()  # explicit: the file system's own clock ticks too coarsely to order two uses
             os.utime(entry, ns=(now, now))  # its last use, which eviction orders by
-        self.evict(keep=entry)
+        if made:  # only a new entry grows the cache: a hit needs no scan of it
+            self.evict(keep=entry)
         return entry
 
     def evict(self, keep: Path | None = None) -> None:
